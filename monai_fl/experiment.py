@@ -1,0 +1,98 @@
+"""What every method needs before training: the dataset, the site manifest and per-site arrays.
+
+The centralized, local-only, classical and federated runs all go through :func:`prepare`, so they
+read the same file, verify the same checksum and use the same split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from monai_fl.config import ExperimentConfig
+from monai_fl.data.medmnist import MedMNIST, load_medmnist
+from monai_fl.data.partition import build_manifest, read_manifest, site_entry, write_manifest
+from monai_fl.errors import ManifestError
+from monai_fl.tasks.classification import TaskSpec
+
+
+@dataclass
+class Experiment:
+    """A loaded dataset plus its site manifest."""
+
+    cfg: ExperimentConfig
+    data: MedMNIST
+    manifest: dict
+    manifest_path: Path
+    pool_images: np.ndarray
+    pool_labels: np.ndarray
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec.from_dataset(self.data)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    def site_train(self, site: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(site_entry(self.manifest, site)["train_indices"], dtype=np.int64)
+        return self.pool_images[idx], self.pool_labels[idx]
+
+    def site_test(self, site: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(site_entry(self.manifest, site)["test_indices"], dtype=np.int64)
+        return self.data.images["test"][idx], self.data.labels["test"][idx]
+
+    def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
+        """Union of every site's training cases (the centralized baseline's data)."""
+        idx = np.concatenate([np.asarray(e["train_indices"], np.int64) for e in self.manifest["sites"].values()])
+        idx.sort()
+        return self.pool_images[idx], self.pool_labels[idx]
+
+    def pooled_test(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.images["test"], self.data.labels["test"]
+
+
+def make_manifest(cfg: ExperimentConfig, data: MedMNIST) -> dict:
+    """Partition ``data``'s official train+val pool as ``cfg.partition`` says."""
+    _, pool_y = data.pool()
+    p = cfg.partition
+    return build_manifest(data.name, data.size, data.md5, pool_y, data.labels["test"], data.label_names,
+                          p.n_sites, p.scheme, p.seed)
+
+
+def prepare(
+    cfg: ExperimentConfig,
+    data_root: str | os.PathLike | None = None,
+    manifest_path: str | os.PathLike | None = None,
+    create: bool = True,
+) -> Experiment:
+    """Load the dataset and the site manifest (creating the manifest if asked and absent).
+
+    Args:
+        cfg: experiment config.
+        data_root: user-given data folder (``--data-root``).
+        manifest_path: site manifest file; when absent and ``create``, it is written there.
+        create: write a new manifest if ``manifest_path`` does not exist.
+
+    Raises:
+        ManifestError: the manifest does not belong to this dataset file or disagrees with the config.
+    """
+    data = load_medmnist(cfg.dataset.name, cfg.dataset.size, data_root)
+    pool_x, pool_y = data.pool()
+    path = Path(manifest_path) if manifest_path else None
+    if path is not None and path.exists():
+        manifest = read_manifest(path, dataset_md5=data.md5, n_pool=len(pool_y))
+        if manifest["dataset"] != data.name or manifest["size"] != data.size:
+            raise ManifestError(f"site manifest {path} is for {manifest['dataset']} at {manifest['size']} px, "
+                                f"the config asks for {data.name} at {data.size} px")
+    elif create:
+        manifest = make_manifest(cfg, data)
+        if path is not None:
+            write_manifest(manifest, path)
+    else:
+        raise ManifestError(f"site manifest {path} does not exist; create it with `monai-fl partition`")
+    return Experiment(cfg, data, manifest, path, pool_x, pool_y)
