@@ -62,6 +62,7 @@ class FLConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "pneumoniamnist_3site"
+    task: str = "classification"  # or "segmentation"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)

@@ -1,7 +1,8 @@
-"""What every method needs before training: the dataset, the site manifest and per-site arrays.
+"""What every method needs before training: the dataset, the site manifest and per-site data.
 
 The centralized, local-only, classical and federated runs all go through :func:`prepare`, so they
-read the same file, verify the same checksum and use the same split.
+read the same file, verify the same checksum and use the same split. An experiment exposes one
+task-agnostic interface (:class:`TaskExperiment`) that the baselines and the federated site call.
 """
 
 from __future__ import annotations
@@ -9,19 +10,43 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Protocol
 
 import numpy as np
+from torch import nn
 
 from monai_fl.config import ExperimentConfig
 from monai_fl.data.medmnist import MedMNIST, load_medmnist
 from monai_fl.data.partition import build_manifest, read_manifest, site_entry, write_manifest
-from monai_fl.errors import ManifestError
-from monai_fl.tasks.classification import TaskSpec
+from monai_fl.errors import ManifestError, MonaiFLError
+from monai_fl.tasks import classification as cls_task
+
+
+class TaskExperiment(Protocol):
+    """What the baselines and the federated site need from a task, whatever the task."""
+
+    cfg: ExperimentConfig
+    manifest: dict
+
+    @property
+    def sites(self) -> list[str]: ...
+
+    def build_model(self) -> nn.Module: ...
+
+    def loss(self) -> nn.Module: ...
+
+    def train_loader(self, site: str | None = None) -> Iterable:
+        """Training batches of ``site`` (None: every site's cases pooled)."""
+
+    def test_loader(self, site: str | None = None) -> Iterable:
+        """Test batches of ``site``'s shard (None: the pooled test set)."""
+
+    def evaluate(self, model: nn.Module, loader: Iterable) -> dict: ...
 
 
 @dataclass
 class Experiment:
-    """A loaded dataset plus its site manifest."""
+    """A classification experiment: a loaded MedMNIST dataset plus its site manifest."""
 
     cfg: ExperimentConfig
     data: MedMNIST
@@ -31,8 +56,8 @@ class Experiment:
     pool_labels: np.ndarray
 
     @property
-    def spec(self) -> TaskSpec:
-        return TaskSpec.from_dataset(self.data)
+    def spec(self) -> cls_task.TaskSpec:
+        return cls_task.TaskSpec.from_dataset(self.data)
 
     @property
     def sites(self) -> list[str]:
@@ -55,6 +80,24 @@ class Experiment:
     def pooled_test(self) -> tuple[np.ndarray, np.ndarray]:
         return self.data.images["test"], self.data.labels["test"]
 
+    def build_model(self) -> nn.Module:
+        return cls_task.build_network(self.cfg.network, self.spec)
+
+    def loss(self) -> nn.Module:
+        return cls_task.build_loss()
+
+    def train_loader(self, site: str | None = None) -> Iterable:
+        x, y = self.pooled_train() if site is None else self.site_train(site)
+        t = self.cfg.train
+        return cls_task.make_loader(x, y, "train", self.spec, t.batch_size, t.augment, t.seed)
+
+    def test_loader(self, site: str | None = None) -> Iterable:
+        x, y = self.pooled_test() if site is None else self.site_test(site)
+        return cls_task.make_loader(x, y, "eval", self.spec, self.cfg.train.eval_batch_size)
+
+    def evaluate(self, model: nn.Module, loader: Iterable) -> dict:
+        return cls_task.evaluate(model, loader, self.spec.label_names)
+
 
 def make_manifest(cfg: ExperimentConfig, data: MedMNIST) -> dict:
     """Partition ``data``'s official train+val pool as ``cfg.partition`` says."""
@@ -69,7 +112,7 @@ def prepare(
     data_root: str | os.PathLike | None = None,
     manifest_path: str | os.PathLike | None = None,
     create: bool = True,
-) -> Experiment:
+) -> TaskExperiment:
     """Load the dataset and the site manifest (creating the manifest if asked and absent).
 
     Args:
@@ -81,6 +124,12 @@ def prepare(
     Raises:
         ManifestError: the manifest does not belong to this dataset file or disagrees with the config.
     """
+    if cfg.task == "segmentation":
+        from monai_fl.tasks.segmentation_experiment import prepare_segmentation
+
+        return prepare_segmentation(cfg, data_root, manifest_path, create)
+    if cfg.task != "classification":
+        raise MonaiFLError(f"unknown task '{cfg.task}'; use classification or segmentation")
     data = load_medmnist(cfg.dataset.name, cfg.dataset.size, data_root)
     pool_x, pool_y = data.pool()
     path = Path(manifest_path) if manifest_path else None

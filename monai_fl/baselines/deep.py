@@ -1,5 +1,5 @@
-"""Centralized and local-only CNN baselines: same network, same epoch budget, same task code as
-the federated sites."""
+"""Centralized and local-only baselines for any task: same network, same epoch budget, same task
+code as the federated sites."""
 
 from __future__ import annotations
 
@@ -9,44 +9,35 @@ import numpy as np
 from torch import nn
 
 from monai_fl.evaluation import evaluate_everywhere
-from monai_fl.experiment import Experiment
-from monai_fl.keys import POOLED, MetricKey
-from monai_fl.tasks.classification import (
-    build_loss,
-    build_network,
-    build_optimizer,
-    make_loader,
-    train_epochs,
-)
+from monai_fl.experiment import TaskExperiment
+from monai_fl.keys import POOLED
+from monai_fl.tasks.loop import build_optimizer, train_epochs
 from monai_fl.utils import seed_everything
 
 
-def train_model(exp: Experiment, images: np.ndarray, labels: np.ndarray, desc: str) -> tuple[nn.Module, list[dict]]:
-    """Train a fresh network on ``images``/``labels`` for the config's full epoch budget."""
-    cfg = exp.cfg
-    seed_everything(cfg.train.seed, cfg.train.threads)
-    model = build_network(cfg.network, exp.spec)
-    loader = make_loader(images, labels, "train", exp.spec, cfg.train.batch_size, cfg.train.augment, cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.train)
-    history = train_epochs(model, loader, optimizer, build_loss(), cfg.train, 0, cfg.train.epochs, cfg.train.epochs, desc)
+def train_model(exp: TaskExperiment, site: str | None, desc: str) -> tuple[nn.Module, list[dict]]:
+    """Train a fresh network on ``site``'s cases (None: all sites pooled) for the full epoch budget."""
+    t = exp.cfg.train
+    seed_everything(t.seed, t.threads)
+    model = exp.build_model()
+    history = train_epochs(model, exp.train_loader(site), build_optimizer(model, t), exp.loss(), t, 0, t.epochs, t.epochs, desc)
     return model, history
 
 
-def run_centralized(exp: Experiment) -> tuple[dict, nn.Module]:
+def run_centralized(exp: TaskExperiment) -> tuple[dict, nn.Module]:
     """Pool every site's training cases, train once, evaluate everywhere.
 
     Returns:
-        (method result ``{"pooled", "sites", "history", "train_time_s", "n_train"}``, trained model)
+        (method result ``{"pooled", "sites", "history", "train_time_s"}``, trained model)
     """
-    x, y = exp.pooled_train()
     t0 = time.perf_counter()
-    model, history = train_model(exp, x, y, "centralized")
+    model, history = train_model(exp, None, "centralized")
     result = evaluate_everywhere(model, exp)
-    result.update(history=history, train_time_s=time.perf_counter() - t0, n_train=int(len(y)))
+    result.update(history=history, train_time_s=time.perf_counter() - t0)
     return result, model
 
 
-def run_local(exp: Experiment) -> dict:
+def run_local(exp: TaskExperiment) -> dict:
     """Each site trains alone on its own cases; each model is evaluated everywhere.
 
     Returns:
@@ -55,11 +46,10 @@ def run_local(exp: Experiment) -> dict:
     """
     per_site = {}
     for site in exp.sites:
-        x, y = exp.site_train(site)
         t0 = time.perf_counter()
-        model, history = train_model(exp, x, y, f"local {site}")
+        model, history = train_model(exp, site, f"local {site}")
         r = evaluate_everywhere(model, exp)
-        r.update(history=history, train_time_s=time.perf_counter() - t0, n_train=int(len(y)))
+        r.update(history=history, train_time_s=time.perf_counter() - t0)
         per_site[site] = r
     return {
         "per_site_model": per_site,
@@ -69,10 +59,12 @@ def run_local(exp: Experiment) -> dict:
 
 
 def mean_metrics(results: list[dict]) -> dict:
-    """Mean (and spread) of AUC/ACC over several models' results, NaN-aware."""
+    """Mean (and spread) of every scalar headline metric (AUC/ACC, mean Dice/HD95) over several
+    models' results, NaN-aware."""
     out = {}
-    for key in (MetricKey.AUC.value, MetricKey.ACC.value):
-        values = np.array([r[key] if r[key] is not None else np.nan for r in results], dtype=float)
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "n"]
+    for key in keys:
+        values = np.array([r[key] if r.get(key) is not None else np.nan for r in results], dtype=float)
         out[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
         out[f"{key}_std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
     out["n_models"] = len(results)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from monai.transforms import (
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from monai_fl.config import NetworkConfig, TrainConfig
+from monai_fl.config import NetworkConfig
 from monai_fl.errors import MonaiFLError
 from monai_fl.keys import MetricKey
 from monai_fl.tasks.metrics import classification_metrics
@@ -193,51 +193,6 @@ def build_loss() -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the config's learning rate and weight decay."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_at(cfg: TrainConfig, epoch: int, total_epochs: int | None = None) -> float:
-    """Cosine learning rate for a global epoch index, so federated rounds follow the same schedule
-    as the centralized run (round r, local epoch e → epoch r × local_epochs + e)."""
-    total = total_epochs or cfg.epochs
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(epoch, total) / max(total, 1)))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def train_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    on_batch: Callable[[float], None] | None = None,
-) -> dict:
-    """One pass over ``loader``.
-
-    Returns:
-        ``{"loss": mean training loss, "steps": optimiser steps, "n": images seen}``.
-    """
-    model.train()
-    total, n, steps = 0.0, 0, 0
-    for x, y in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        total += loss_value * len(y)
-        n += len(y)
-        steps += 1
-        if on_batch is not None:
-            on_batch(loss_value)
-    return {MetricKey.LOSS.value: total / max(n, 1), "steps": steps, MetricKey.N.value: n}
-
-
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray, float]:
     """Labels, softmax probabilities and mean cross-entropy over ``loader``."""
@@ -261,35 +216,3 @@ def evaluate(model: nn.Module, loader: Iterable, label_names: Iterable[str]) -> 
     metrics[MetricKey.LOSS.value] = loss
     return metrics
 
-
-def train_epochs(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    cfg: TrainConfig,
-    first_epoch: int,
-    n_epochs: int,
-    total_epochs: int,
-    desc: str = "train",
-) -> list[dict]:
-    """Run ``n_epochs`` epochs on the global cosine schedule starting at ``first_epoch``.
-
-    The centralized and local baselines call it once with all epochs; a federated site calls it
-    each round with ``first_epoch = round × local_epochs``, so all follow the same schedule.
-
-    Returns:
-        One ``train_epoch`` record per epoch, with ``epoch`` and ``lr`` added.
-    """
-    from tqdm.auto import tqdm
-
-    history = []
-    bar = tqdm(range(first_epoch, first_epoch + n_epochs), desc=desc, unit="epoch", leave=False, disable=None)
-    for epoch in bar:
-        lr = lr_at(cfg, epoch, total_epochs)
-        set_lr(optimizer, lr)
-        record = train_epoch(model, loader, optimizer, loss_fn)
-        record.update(epoch=epoch, lr=lr)
-        history.append(record)
-        bar.set_postfix(loss=f"{record[MetricKey.LOSS.value]:.4f}")
-    return history
