@@ -60,6 +60,28 @@ class FLConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """Segmentation-only settings; ignored by classification experiments.
+
+    ``spatial_dims`` 3 trains on 3D patches; 2 trains on axial slices of the same volumes and
+    infers slice by slice. ``roi_size`` is the training patch and the sliding-window size (2D: its
+    first two entries). Class names come from the datalist unless ``class_names`` overrides them.
+    """
+
+    spatial_dims: int = 3
+    roi_size: list[int] = field(default_factory=lambda: [32, 48, 32])
+    pixdim: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # target spacing in mm (RAS)
+    intensity: str = "zscore"  # "zscore" (per volume, nonzero voxels) or "range" (clip to intensity_range → 0..1)
+    intensity_range: list[float] = field(default_factory=list)  # [a_min, a_max] for intensity "range" (e.g. CT HU)
+    samples_per_volume: int = 1  # random patches (2D: slices) drawn from each training volume per epoch
+    test_fraction: float = 0.2  # MSD has no labelled test set: this seeded share of cases is held out
+    class_names: list[str] = field(default_factory=list)  # overrides the datalist's names (background excluded)
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+    cache_rate: float = 1.0  # share of preprocessed volumes kept in memory (MONAI CacheDataset)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "pneumoniamnist_3site"
     task: str = "classification"  # or "segmentation"
@@ -68,6 +90,7 @@ class ExperimentConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
