@@ -1,0 +1,1 @@
+"""De-identification of DICOM files (PS3.15 Annex E Basic Profile)."""

@@ -1,0 +1,1 @@
+"""DICOM discovery, geometry and conversion to NIfTI."""
