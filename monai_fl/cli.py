@@ -11,6 +11,7 @@ from monai_fl.config import ExperimentConfig
 from monai_fl.errors import MonaiFLError
 
 DEFAULT_RUNS = Path("runs")
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pneumoniamnist_he.yaml"
 
 
 def _experiment_options(p: argparse.ArgumentParser) -> None:
@@ -105,12 +106,50 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_source(path: Path) -> Path:
+    """A config file, or an exported job folder (its shipped ``experiment.yaml``)."""
+    from monai_fl.fl.job import JOB_CONFIG_NAME
+
+    if path.is_dir():
+        shipped = sorted(path.glob(f"**/custom/{JOB_CONFIG_NAME}"))
+        if not shipped:
+            raise MonaiFLError(f"{path} is a folder but not a monai-fl job (no custom/{JOB_CONFIG_NAME} inside)")
+        return shipped[0]
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from monai_fl.report.tables import format_table, method_rows
+    from monai_fl.run import run_experiment
+
+    args.config = _config_source(args.source) if args.source else args.config
+    cfg = load_config(args)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    out = _out_dir(args, cfg, "run")
+    print(f"monai-fl run: {cfg.name} ({', '.join(methods)}) -> {out}")
+    results = run_experiment(cfg, out, args.data_root, args.manifest, methods)
+    print(format_table(method_rows(results)))
+    print(f"report: {out / 'report.html'} (also report.md, results.json, *.png)")
+    return 0
+
+
+def cmd_export_jobs(args: argparse.Namespace) -> int:
+    from monai_fl.fl.job import export_job
+
+    cfg = load_config(args)
+    for he in (False, True):
+        print(f"exported {export_job(cfg, args.jobs_dir, he=he)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.kind = "centralized"
-    for name in ("config", "dataset", "size", "sites", "scheme", "network", "width", "epochs", "batch_size",
-                 "lr", "seed", "data_root", "manifest", "out"):
+    args.source = None
+    for name in ("dataset", "size", "sites", "scheme", "network", "width", "epochs", "batch_size", "lr", "seed",
+                 "data_root", "manifest", "out"):
         setattr(args, name, getattr(args, name, None))
-    return cmd_baseline(args)
+    args.config = DEMO_CONFIG
+    args.methods = "fl_he,fl_plain,centralized,local,classical"
+    return cmd_run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_options(p)
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("demo", help="the main demo run (PneumoniaMNIST, 3 sites)")
+    p = sub.add_parser("run", help="run an experiment: federated (HE/plain) and baselines, one report",
+                       description="Run federated learning in the NVFlare simulator (HE and/or plaintext) and the "
+                                   "centralized, local-only and classical baselines on the same site manifest; "
+                                   "write results.json, report.md/.html and PNG plots.")
+    p.add_argument("source", nargs="?", type=Path, help="experiment config (YAML/JSON) or an exported job folder")
+    p.add_argument("--methods", default="fl_he,fl_plain,centralized,local,classical",
+                   help="comma-separated subset of fl_he, fl_plain, centralized, local, classical")
+    _experiment_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export-jobs", help="write the NVFlare job folders (plaintext and HE) for a config",
+                       description="Export the plaintext and HE FedAvg jobs for an experiment config as NVFlare job "
+                                   "folders, runnable with `nvflare simulator` or submittable to a provisioned system.")
+    p.add_argument("--jobs-dir", type=Path, default=Path("jobs"), help="where to write the job folders (default: jobs/)")
+    _experiment_options(p)
+    p.set_defaults(func=cmd_export_jobs)
+
+    p = sub.add_parser("demo", help="the main job: PneumoniaMNIST, 3 sites, Dirichlet(0.5), HE FedAvg vs baselines",
+                       description=f"Run {DEMO_CONFIG.name}: federated HE and plaintext, centralized, local-only "
+                                   "and classical baselines; prints where the report is.")
+    p.add_argument("--out", type=Path, help="output folder (default runs/<experiment>-run)")
+    p.add_argument("--data-root", type=Path, help="folder holding the MedMNIST .npz files")
     p.set_defaults(func=cmd_demo)
 
     try:

@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from monai_fl.config import ExperimentConfig
-from monai_fl.data.medmnist import MedMNIST, load_medmnist
+from monai_fl.data.medmnist import MedMNIST, dataset_info, load_medmnist
 from monai_fl.data.partition import build_manifest, read_manifest, site_entry, write_manifest
 from monai_fl.errors import ManifestError, MonaiFLError
 from monai_fl.tasks import classification as cls_task
@@ -97,6 +97,23 @@ class Experiment:
 
     def evaluate(self, model: nn.Module, loader: Iterable) -> dict:
         return cls_task.evaluate(model, loader, self.spec.label_names)
+
+
+def classification_spec(cfg: ExperimentConfig) -> cls_task.TaskSpec:
+    """The network's input/output description from the official registry, without the data file
+    (the NVFlare server builds the initial model but holds no images)."""
+    info = dataset_info(cfg.dataset.name)
+    names = tuple(info["label"][str(i)] for i in range(len(info["label"])))
+    return cls_task.TaskSpec(info["n_channels"], len(names), info["ndim"], cfg.dataset.size, names)
+
+
+def model_for_config(cfg: ExperimentConfig, data_root: str | os.PathLike | None = None) -> nn.Module:
+    """The experiment's network from its config alone (no data needed)."""
+    if cfg.task == "segmentation":
+        from monai_fl.tasks.segmentation_experiment import model_for_config as seg_model
+
+        return seg_model(cfg)
+    return cls_task.build_network(cfg.network, classification_spec(cfg))
 
 
 def make_manifest(cfg: ExperimentConfig, data: MedMNIST) -> dict:

@@ -1,4 +1,5 @@
-"""Turn a results dict into rows and a printable/Markdown table (AUC/ACC per method, pooled and per site)."""
+"""Turn a results dict into rows and a printable/Markdown table: the task's headline metrics
+(AUC/ACC, or mean Dice/HD95) per method, pooled and per site."""
 
 from __future__ import annotations
 
@@ -6,31 +7,42 @@ import math
 
 from monai_fl.keys import POOLED, Method, MetricKey
 
-AUC, ACC = MetricKey.AUC.value, MetricKey.ACC.value
+HEADLINE = {
+    "classification": (MetricKey.AUC.value, MetricKey.ACC.value),
+    "segmentation": (MetricKey.MEAN_DICE.value, MetricKey.MEAN_HD95.value),
+}
+
+
+def headline_keys(results: dict) -> tuple[str, str]:
+    """The two metrics a report leads with for this task."""
+    return HEADLINE.get(results.get("task", "classification"), HEADLINE["classification"])
 
 
 def method_rows(results: dict) -> list[dict]:
     """One row per trained method (classical models one row each), in a fixed order."""
     methods = results.get("methods", {})
+    keys = headline_keys(results)
     rows = []
     order = [m.value for m in Method]
     for name in sorted(methods, key=lambda m: order.index(m) if m in order else len(order)):
         entry = methods[name]
         if name == Method.CLASSICAL.value:
-            rows += [_row(f"classical: {model}", r) for model, r in entry.items()]
+            rows += [_row(f"classical: {model}", r, keys) for model, r in entry.items()]
         else:
-            rows.append(_row(name, entry))
+            rows.append(_row(name, entry, keys))
     return rows
 
 
-def _row(label: str, r: dict) -> dict:
+def _row(label: str, r: dict, keys: tuple[str, ...]) -> dict:
     pooled = r.get(POOLED, {})
-    row = {"method": label, "pooled_auc": pooled.get(AUC), "pooled_acc": pooled.get(ACC)}
-    if "auc_std" in pooled:
-        row["pooled_auc_std"] = pooled["auc_std"]
+    row = {"method": label}
+    for key in keys:
+        row[f"pooled_{key}"] = pooled.get(key)
+        if f"{key}_std" in pooled:
+            row[f"pooled_{key}_std"] = pooled[f"{key}_std"]
     for site, m in r.get("sites", {}).items():
-        row[f"{site}_auc"] = m.get(AUC)
-        row[f"{site}_acc"] = m.get(ACC)
+        for key in keys:
+            row[f"{site}_{key}"] = m.get(key)
     return row
 
 
@@ -51,8 +63,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         cells = []
         for c in cols:
             cell = _fmt(r.get(c))
-            if c == "pooled_auc" and "pooled_auc_std" in r:
-                cell += f" ± {_fmt(r['pooled_auc_std'])}"
+            if f"{c}_std" in r:
+                cell += f" ± {_fmt(r[c + '_std'])}"
             cells.append(cell)
         body.append(cells)
     if markdown:
