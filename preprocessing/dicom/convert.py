@@ -67,6 +67,10 @@ class Volume:
 
 
 def _plane_hash(pixels: np.ndarray) -> str:
+    """Short pixel hash for duplicate detection; blank planes are marked, not hashed,
+    because empty slices (e.g. of a mask) are identical without being duplicates."""
+    if pixels.size and pixels.min() == pixels.max():
+        return f"constant:{pixels.flat[0]}"
     return hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
 
 
