@@ -1,0 +1,130 @@
+"""A segmentation experiment: an MSD datalist, its site manifest and the segmentation task code,
+behind the task-agnostic :class:`monai_fl.experiment.TaskExperiment` interface.
+
+The baselines, :func:`monai_fl.evaluation.evaluate_everywhere` and the federated site call only
+that interface, so they run segmentation exactly as they run classification.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from torch import nn
+
+from monai_fl.config import ExperimentConfig
+from monai_fl.data.msd import MSDDatalist, build_msd_manifest, check_msd_manifest, load_msd
+from monai_fl.data.partition import read_manifest, site_entry, write_manifest
+from monai_fl.errors import ManifestError
+from monai_fl.tasks import segmentation as seg
+
+
+@dataclass
+class SegmentationExperiment:
+    """An MSD segmentation task split among sites; implements ``TaskExperiment``.
+
+    Preprocessed volumes are cached per split on first use and reused by later loaders (every
+    round of a federated run, every model evaluated by ``evaluate_everywhere``).
+    """
+
+    cfg: ExperimentConfig
+    data: MSDDatalist
+    manifest: dict
+    manifest_path: Path | None
+    spec: seg.SegSpec
+    _datasets: dict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    def train_indices(self, site: str | None = None) -> list[int]:
+        """Datalist indices of ``site``'s training cases (None: every site's, pooled)."""
+        if site is not None:
+            return list(site_entry(self.manifest, site)["train_indices"])
+        return sorted(i for e in self.manifest["sites"].values() for i in e["train_indices"])
+
+    def test_indices(self, site: str | None = None) -> list[int]:
+        """Datalist indices of ``site``'s test shard (None: the whole held-out test set)."""
+        if site is not None:
+            return list(site_entry(self.manifest, site)["test_indices"])
+        return list(self.manifest["test_indices"])
+
+    def build_model(self) -> nn.Module:
+        return seg.build_seg_network(self.cfg.network, self.spec)
+
+    def loss(self) -> nn.Module:
+        return seg.build_seg_loss()
+
+    def train_loader(self, site: str | None = None) -> Iterable:
+        """Shuffled ``(image, label)`` patch batches; each call restarts the seeded random stream."""
+        t = self.cfg.train
+        return seg.make_seg_loader(self._dataset("train", site), "train", t.batch_size, t.seed)
+
+    def test_loader(self, site: str | None = None) -> Iterable:
+        """Whole ``(image, label)`` volumes of ``site``'s test shard (None: the pooled test set)."""
+        return seg.make_seg_loader(self._dataset("eval", site), "eval", 1)
+
+    def evaluate(self, model: nn.Module, loader: Iterable) -> dict:
+        return seg.evaluate(model, loader, self.spec, self.cfg.segmentation)
+
+    def _dataset(self, stage: str, site: str | None):
+        key = (stage, site)
+        if key not in self._datasets:
+            indices = self.train_indices(site) if stage == "train" else self.test_indices(site)
+            self._datasets[key] = seg.make_seg_dataset(self.data.datalist(indices), stage, self.spec,
+                                                       self.cfg.segmentation, self.cfg.train.augment)
+        return self._datasets[key]
+
+
+def make_seg_manifest(cfg: ExperimentConfig, data: MSDDatalist) -> dict:
+    """Hold out ``cfg.segmentation.test_fraction`` of the cases and split the rest as ``cfg.partition`` says."""
+    p = cfg.partition
+    return build_msd_manifest(data, p.n_sites, p.scheme, p.seed, cfg.segmentation.test_fraction)
+
+
+def prepare_segmentation(
+    cfg: ExperimentConfig,
+    data_root: str | os.PathLike | None = None,
+    manifest_path: str | os.PathLike | None = None,
+    create: bool = True,
+) -> SegmentationExperiment:
+    """Locate the MSD task, read or create its site manifest and return the experiment.
+
+    The datalist is fully validated (shapes, affines, label values) when a manifest is created,
+    which records the ``dataset.json`` MD5; a run that reuses the manifest only checks that the MD5
+    matches and every listed file exists.
+
+    Args:
+        cfg: experiment config with ``task: segmentation`` and an MSD dataset name (``msd_hippocampus``).
+        data_root: user-given folder (``--data-root``), searched before ``$MONAI_FL_DATA/msd/<Task>``.
+        manifest_path: site manifest file; when absent and ``create``, it is written there.
+        create: write a new manifest if ``manifest_path`` does not exist.
+
+    Raises:
+        DataNotFoundError: no ``dataset.json`` in any searched folder.
+        DataFormatError: a listed file is missing or a case is inconsistent.
+        ManifestError: the manifest belongs to another datalist or disagrees with the config.
+    """
+    path = Path(manifest_path) if manifest_path else None
+    reuse = path is not None and path.exists()
+    data = load_msd(cfg.dataset.name, data_root, validate=not reuse)
+    p = cfg.partition
+    if reuse:
+        manifest = read_manifest(path, dataset_md5=data.md5, n_pool=len(data.cases))
+        check_msd_manifest(manifest, data, path, p.n_sites, p.scheme, cfg.segmentation.test_fraction)
+    elif create:
+        manifest = make_seg_manifest(cfg, data)
+        if path is not None:
+            write_manifest(manifest, path)
+    else:
+        raise ManifestError(f"site manifest {path} does not exist; create it with `monai-fl partition`")
+    spec = seg.SegSpec.from_config(cfg.segmentation, data.n_channels, data.labels)
+    return SegmentationExperiment(cfg, data, manifest, path, spec)
+
+
+def case_names(exp: SegmentationExperiment, indices: Iterable[int]) -> list[str]:
+    """File-derived names of datalist cases (for figure titles at the site that holds them)."""
+    return [exp.data.cases[int(i)].name for i in indices]
