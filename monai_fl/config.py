@@ -76,6 +76,9 @@ class SegmentationConfig:
     samples_per_volume: int = 1  # random patches (2D: slices) drawn from each training volume per epoch
     test_fraction: float = 0.2  # MSD has no labelled test set: this seeded share of cases is held out
     class_names: list[str] = field(default_factory=list)  # overrides the datalist's names (background excluded)
+    # 0: from the datalist or the MSD registry. A custom task sets it and class_names, so the FL
+    # server can build the network without holding data.
+    in_channels: int = 0
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     cache_rate: float = 1.0  # share of preprocessed volumes kept in memory (MONAI CacheDataset)

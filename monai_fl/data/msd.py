@@ -33,18 +33,34 @@ from monai_fl.keys import DATA_ENV
 
 DATALIST = "dataset.json"
 MSD_SUBDIR = "msd"
-# Config dataset names → MSD task folders (the ten Decathlon tasks).
+
+
+@dataclass(frozen=True)
+class MSDTask:
+    """An official Decathlon task: its folder and, from its ``dataset.json``, channels and classes.
+
+    The FL server builds the initial network from these without holding any data; each site's
+    own ``dataset.json`` must agree (checked when a site prepares its experiment).
+    """
+
+    folder: str
+    modalities: tuple[str, ...]
+    labels: tuple[str, ...]
+
+
+# Config dataset names → the ten Decathlon tasks.
 MSD_TASKS = MappingProxyType({
-    "msd_braintumour": "Task01_BrainTumour",
-    "msd_heart": "Task02_Heart",
-    "msd_liver": "Task03_Liver",
-    "msd_hippocampus": "Task04_Hippocampus",
-    "msd_prostate": "Task05_Prostate",
-    "msd_lung": "Task06_Lung",
-    "msd_pancreas": "Task07_Pancreas",
-    "msd_hepaticvessel": "Task08_HepaticVessel",
-    "msd_spleen": "Task09_Spleen",
-    "msd_colon": "Task10_Colon",
+    "msd_braintumour": MSDTask("Task01_BrainTumour", ("FLAIR", "T1w", "t1gd", "T2w"),
+                               ("background", "edema", "non-enhancing tumor", "enhancing tumour")),
+    "msd_heart": MSDTask("Task02_Heart", ("MRI",), ("background", "left atrium")),
+    "msd_liver": MSDTask("Task03_Liver", ("CT",), ("background", "liver", "cancer")),
+    "msd_hippocampus": MSDTask("Task04_Hippocampus", ("MRI",), ("background", "Anterior", "Posterior")),
+    "msd_prostate": MSDTask("Task05_Prostate", ("T2", "ADC"), ("background", "PZ", "TZ")),
+    "msd_lung": MSDTask("Task06_Lung", ("CT",), ("background", "cancer")),
+    "msd_pancreas": MSDTask("Task07_Pancreas", ("CT",), ("background", "pancreas", "cancer")),
+    "msd_hepaticvessel": MSDTask("Task08_HepaticVessel", ("CT",), ("background", "Vessel", "Tumour")),
+    "msd_spleen": MSDTask("Task09_Spleen", ("CT",), ("background", "spleen")),
+    "msd_colon": MSDTask("Task10_Colon", ("CT",), ("background", "colon cancer primaries")),
 })
 AFFINE_TOL_MM = 1e-3  # image and label grids must agree to a micrometre
 MAX_LISTED_PROBLEMS = 5
@@ -108,15 +124,24 @@ class MSDDatalist:
         return [{"image": str(c.image), "label": str(c.label)} for c in picked]
 
 
-def task_folder(name: str) -> str:
-    """MSD task folder for a config dataset name (``msd_hippocampus``) or a folder name (``Task04_Hippocampus``)."""
+def msd_task(name: str) -> MSDTask | None:
+    """The official task for a config name (``msd_hippocampus``) or folder (``Task04_Hippocampus``); None if custom."""
     key = name.strip().lower()
     if key in MSD_TASKS:
         return MSD_TASKS[key]
-    for folder in MSD_TASKS.values():
-        if folder.lower() == key:
-            return folder
-    if key.startswith("task"):
+    return next((t for t in MSD_TASKS.values() if t.folder.lower() == key), None)
+
+
+def task_folder(name: str) -> str:
+    """MSD task folder for a config dataset name (``msd_hippocampus``) or a folder name (``Task04_Hippocampus``).
+
+    Raises:
+        MonaiFLError: neither an official task nor a ``Task…`` folder name.
+    """
+    task = msd_task(name)
+    if task is not None:
+        return task.folder
+    if name.strip().lower().startswith("task"):
         return name.strip()  # a custom MSD-format task folder
     raise MonaiFLError(f"unknown segmentation dataset '{name}'; use one of {', '.join(MSD_TASKS)} "
                        "or an MSD task folder name such as Task04_Hippocampus")

@@ -15,9 +15,9 @@ from typing import Iterable
 from torch import nn
 
 from monai_fl.config import ExperimentConfig
-from monai_fl.data.msd import MSDDatalist, build_msd_manifest, check_msd_manifest, load_msd
+from monai_fl.data.msd import MSDDatalist, build_msd_manifest, check_msd_manifest, load_msd, msd_task
 from monai_fl.data.partition import read_manifest, site_entry, write_manifest
-from monai_fl.errors import ManifestError
+from monai_fl.errors import DataFormatError, ManifestError, MonaiFLError
 from monai_fl.tasks import segmentation as seg
 
 
@@ -122,7 +122,45 @@ def prepare_segmentation(
     else:
         raise ManifestError(f"site manifest {path} does not exist; create it with `monai-fl partition`")
     spec = seg.SegSpec.from_config(cfg.segmentation, data.n_channels, data.labels)
+    _check_matches_config(spec, cfg, data)
     return SegmentationExperiment(cfg, data, manifest, path, spec)
+
+
+def spec_for_config(cfg: ExperimentConfig) -> seg.SegSpec:
+    """The network's input/output description from the config alone, for the FL server (no data).
+
+    Channels and classes come from ``segmentation.in_channels``/``class_names`` when set, else
+    from the official MSD task's ``dataset.json`` (:data:`monai_fl.data.msd.MSD_TASKS`).
+
+    Raises:
+        MonaiFLError: a custom task whose config does not give channels and classes.
+    """
+    s, task = cfg.segmentation, msd_task(cfg.dataset.name)
+    in_channels = s.in_channels or (len(task.modalities) if task else 0)
+    labels = ("background", *s.class_names) if s.class_names else (task.labels if task else ())
+    if not in_channels or not labels:
+        raise MonaiFLError(f"dataset '{cfg.dataset.name}' is not an official MSD task: set segmentation.in_channels "
+                           "and segmentation.class_names so the network can be built without the data")
+    return seg.SegSpec.from_config(s, in_channels, labels)
+
+
+def model_for_config(cfg: ExperimentConfig) -> nn.Module:
+    """The experiment's network from its config alone (what the FL server starts from)."""
+    return seg.build_seg_network(cfg.network, spec_for_config(cfg))
+
+
+def _check_matches_config(spec: seg.SegSpec, cfg: ExperimentConfig, data: MSDDatalist) -> None:
+    """A site whose datalist differs in channels or classes from what the config implies would
+    train a network of another shape than the server's; say so before any training."""
+    try:
+        expected = spec_for_config(cfg)
+    except MonaiFLError:
+        return  # custom task without declared shape: the datalist is the only source
+    if (expected.in_channels, expected.num_classes) != (spec.in_channels, spec.num_classes):
+        raise DataFormatError(
+            f"{data.path} declares {spec.in_channels} modalities and {spec.num_classes} classes "
+            f"({', '.join(data.labels)}), but the config's {cfg.dataset.name} means {expected.in_channels} and "
+            f"{expected.num_classes}; fix segmentation.in_channels/class_names or the dataset name")
 
 
 def case_names(exp: SegmentationExperiment, indices: Iterable[int]) -> list[str]:
