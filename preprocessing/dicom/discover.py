@@ -123,33 +123,50 @@ def _meta(ds: pydicom.Dataset) -> dict[str, object]:
     }
 
 
+def _native_pixel_bytes(ds: pydicom.Dataset) -> int | None:
+    """Bytes of uncompressed pixel data implied by the header, or None when compressed."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or UID(str(ts)).is_compressed:
+        return None
+    try:
+        n = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        n *= int(ds.get("NumberOfFrames", 1) or 1)
+        return (n * int(ds.BitsAllocated) + 7) // 8
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def pixel_truncation(ds: pydicom.Dataset, path: Path) -> str | None:
-    """Detect pixel data that runs past the end of the file (a truncated copy).
+    """Detect pixel data cut short (a truncated copy) without decoding it.
 
     pydicom reads a truncated file without complaint and only fails when pixels are decoded;
-    checking the declared length against the file size finds it at discovery time.
+    comparing the stored length with what the header implies finds it at discovery time.
 
     Args:
-        ds: dataset read with ``defer_size`` (so PixelData is a raw, unread element).
+        ds: dataset read with ``defer_size`` (PixelData may be a raw, unread element).
         path: the file it came from.
 
     Returns:
-        A reason string, or None when the pixel data fits in the file.
+        A reason string, or None when the pixel data looks complete.
     """
-    for keyword in PIXEL_KEYWORDS:
-        if keyword not in ds:
-            continue
-        raw = ds.get_item(keyword)
-        tell = getattr(raw, "value_tell", None)
-        length = getattr(raw, "length", None)
-        if tell is None or length is None or length == 0xFFFFFFFF:
-            return None  # encapsulated (undefined length): checked when decoded
-        size = path.stat().st_size
-        if tell + length > size:
-            return (
-                f"pixel data truncated: header declares {length} bytes, "
-                f"file holds {max(size - tell, 0)}"
-            )
+    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        return None
+    raw = ds.get_item(keyword)
+    expected = _native_pixel_bytes(ds) if keyword == "PixelData" else None
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if getattr(raw, "value", None) is None and tell is not None and length not in (None, 0xFFFFFFFF):
+        held = max(path.stat().st_size - tell, 0)  # deferred: compare with the file size
+    else:
+        value = raw.value
+        held = len(value) if isinstance(value, (bytes, bytearray)) else None
+    if held is None:
+        return None
+    if length not in (None, 0xFFFFFFFF) and held < length:
+        return f"pixel data truncated: header declares {length} bytes, file holds {held}"
+    if expected is not None and held < expected:
+        return f"pixel data truncated: {held} bytes for {expected} implied by the image size"
     return None
 
 

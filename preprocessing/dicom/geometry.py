@@ -430,6 +430,7 @@ def assess_planes(
         step = float(thickness)
     else:
         step, spacing_issues = spacing_findings(rep_dist, rel_tol)
+        normal_step = step  # SpacingBetweenSlices is measured along the normal, even when tilted
         issues.extend(spacing_issues)
         p0, p1 = positions[reps[0]], positions[reps[-1]]
         tilt = tilt_angle_deg(p0, p1, normal)
@@ -449,17 +450,17 @@ def assess_planes(
         else:
             step_vec = normal * step
         sbs = first.spacing_between_slices
-        if sbs and abs(abs(sbs) - abs(step)) > max(rel_tol * abs(step), 1e-3):
+        if sbs and abs(abs(sbs) - abs(normal_step)) > max(rel_tol * abs(normal_step), 1e-3):
             issues.append(
                 GeometryIssue(
                     IssueCode.SPACING_TAG_MISMATCH,
                     Severity.INFO,
                     f"SpacingBetweenSlices {sbs:g} mm differs from the positions' step "
-                    f"{step:.4f} mm; the positions are used",
+                    f"{normal_step:.4f} mm; the positions are used",
                 )
             )
     numbers = sorted(planes[i].instance_number for i in reps if planes[i].instance_number)
-    if n_volumes == 1 and len(numbers) == n_slices > 1:
+    if all(len(g) == 1 for g in groups) and len(numbers) == n_slices > 1:
         missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
         if missing:
             issues.append(

@@ -175,8 +175,7 @@ def dcm2niix_reference(
         results = []
         for path in niftis:
             img = nib.load(path)
-            ref = np.asanyarray(img.dataobj)  # stored values: dcm2niix keeps scl_slope/inter
-            ref = ref * float(img.dataobj.slope) + float(img.dataobj.inter)
+            ref = np.asanyarray(img.dataobj)  # nibabel applies dcm2niix's scl_slope/scl_inter
             results.append(compare_images(data, affine, ref, img.affine))
         best = min(
             results,
