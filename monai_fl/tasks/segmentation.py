@@ -147,9 +147,14 @@ def build_seg_network(cfg: NetworkConfig, spec: SegSpec, check_input: bool = Tru
     if check_input:
         was_training = net.training
         net.eval()
-        with torch.no_grad():
-            out = net(torch.zeros((1, spec.in_channels) + spec.roi_size))
-        net.train(was_training)
+        try:
+            with torch.no_grad():
+                out = net(torch.zeros((1, spec.in_channels) + spec.roi_size))
+        except (RuntimeError, ValueError) as exc:
+            raise MonaiFLError(f"segmentation.roi_size {list(spec.roi_size)} is too small for {name} "
+                               f"({str(exc).splitlines()[0]}); use at least {2 * factor} per dimension") from None
+        finally:
+            net.train(was_training)
         if tuple(out.shape) != (1, spec.num_classes) + spec.roi_size:
             raise MonaiFLError(f"{name} gives output shape {tuple(out.shape)} for ROI {spec.roi_size}")
     return net
