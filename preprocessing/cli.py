@@ -154,8 +154,10 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from preprocessing.labels import pair_labels
     from preprocessing.quality import QualityOptions, assess_site, format_summary, write_report
 
+    spec = _label_spec(args)
+    spec.validate()  # option errors before reading any image
     items, conversion = _inventory(args)
-    pairing = pair_labels(items, _label_spec(args))
+    pairing = pair_labels(items, spec)
     report = assess_site(pairing, conversion, QualityOptions(site=args.site), progress=_progress(args))
     paths = write_report(report, args.out)
     print(format_summary(report, paths))
@@ -167,8 +169,10 @@ def cmd_datalist(args: argparse.Namespace) -> int:
     from preprocessing.datalist import build_datalist, format_summary
     from preprocessing.labels import pair_labels
 
+    spec = _label_spec(args)
+    spec.validate()
     items, _ = _inventory(args)
-    pairing = pair_labels(items, _label_spec(args))
+    pairing = pair_labels(items, spec)
     quality = artefacts.read_json(args.quality, "quality report") if args.quality else None
     out = Path(args.out)
     if out.is_dir() or not out.suffix:
