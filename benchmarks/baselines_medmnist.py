@@ -25,14 +25,16 @@ from monai_fl.experiment import prepare  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width-pneumonia", type=int, default=16)
+    ap.add_argument("--width-breast", type=int, default=32)
     ap.add_argument("--epochs-pneumonia", type=int, default=10)
     ap.add_argument("--epochs-breast", type=int, default=30)
     args = ap.parse_args()
     out = {}
-    for name, epochs in (("pneumoniamnist", args.epochs_pneumonia), ("breastmnist", args.epochs_breast)):
+    for name, epochs, width in (("pneumoniamnist", args.epochs_pneumonia, args.width_pneumonia),
+                                ("breastmnist", args.epochs_breast, args.width_breast)):
         cfg = ExperimentConfig.from_dict({"dataset": {"name": name}, "partition": {"n_sites": 3, "scheme": "dirichlet:0.5"},
-                                          "network": {"name": "resnet18", "width": args.width}, "train": {"epochs": epochs}})
+                                          "network": {"name": "resnet18", "width": width}, "train": {"epochs": epochs}})
         exp = prepare(cfg, args.data_root)
         local = run_local(exp)
         classical = run_classical(exp)

@@ -1,6 +1,6 @@
 """Centralized CNN on PneumoniaMNIST and BreastMNIST (28 px) against the MedMNIST v2 paper's ResNet-18 (28).
 
-    python benchmarks/centralized_medmnist.py [--data-root DIR] [--epochs-pneumonia 10] [--epochs-breast 30]
+    python benchmarks/centralized_medmnist.py [--data-root DIR] [--epochs-breast 30 --width-breast 32]
 
 Trains on the pooled training cases of a 3-site Dirichlet(0.5) manifest (= the whole official
 train+val), evaluates on the official test split. Writes benchmarks/results/centralized_medmnist.json.
@@ -27,22 +27,24 @@ PAPER = {"pneumoniamnist": {"auc": 0.944, "acc": 0.854}, "breastmnist": {"auc": 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width-pneumonia", type=int, default=16)
+    ap.add_argument("--width-breast", type=int, default=32)
     ap.add_argument("--epochs-pneumonia", type=int, default=10)
     ap.add_argument("--epochs-breast", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out = {}
-    for name, epochs in (("pneumoniamnist", args.epochs_pneumonia), ("breastmnist", args.epochs_breast)):
+    for name, epochs, width in (("pneumoniamnist", args.epochs_pneumonia, args.width_pneumonia),
+                                ("breastmnist", args.epochs_breast, args.width_breast)):
         cfg = ExperimentConfig.from_dict({"name": f"{name}_centralized", "dataset": {"name": name},
-                                          "network": {"name": "resnet18", "width": args.width},
+                                          "network": {"name": "resnet18", "width": width},
                                           "train": {"epochs": epochs, "seed": args.seed}})
         exp = prepare(cfg, args.data_root)
         t0 = time.perf_counter()
         r, model = run_centralized(exp)
         out[name] = {
             "test_auc": r["pooled"]["auc"], "test_acc": r["pooled"]["acc"], "epochs": epochs,
-            "network": f"MONAI ResNet (basic, [2,2,2,2], widths {args.width}x[1,2,4,8], 28-px stem)",
+            "network": f"MONAI ResNet (basic, [2,2,2,2], widths {width}x[1,2,4,8], 28-px stem)",
             "params": sum(p.numel() for p in model.parameters()), "n_train": len(exp.pooled_train()[1]),
             "n_test": r["pooled"]["n"], "train_time_s": time.perf_counter() - t0, "seed": args.seed,
             "paper_resnet18_28": PAPER[name],
