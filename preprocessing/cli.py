@@ -213,7 +213,14 @@ def cmd_all(args: argparse.Namespace) -> int:
         if args.reid_map is None:
             raise PrepConfigError("prep all de-identifies first: pass --reid-map FILE (outside --out), or --no-deid")
         print("[1/4] de-identify")
-        summary = deidentify_tree(dicom_dir, out / artefacts.DEID_DIR, args.reid_map, _deid_opts(args), progress=progress)
+        summary = deidentify_tree(
+            dicom_dir,
+            out / artefacts.DEID_DIR,
+            args.reid_map,
+            _deid_opts(args),
+            progress=progress,
+            summary_path=out / artefacts.DEID_SUMMARY_JSON,  # beside, not inside, the DICOM tree
+        )
         print(deid_summary(summary))
         dicom_dir = out / artefacts.DEID_DIR
     print("[2/4] convert")

@@ -20,7 +20,8 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np

@@ -16,7 +16,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from preprocessing.errors import DataFormatError, DataNotFoundError, PrepConfigError
 from preprocessing.inventory import ImageItem, nifti_files, strip_nifti_suffix

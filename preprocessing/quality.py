@@ -18,7 +18,8 @@ import html
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -232,19 +233,24 @@ def _dicom_duplicates(items: Sequence[ImageItem]) -> list[dict]:
             h = sl.get("pixel_sha1", "")
             if h and not h.startswith("constant:"):
                 where[h].append(f"{item.id}:{sl['source']}")
-    findings = []
-    for h, places in where.items():
-        series = {p.split(":", 1)[0] for p in places}
+    # one finding per set of series involved, not one per slice: a re-exported series would
+    # otherwise produce as many findings as it has slices
+    groups: dict[tuple[str, ...], list[list[str]]] = defaultdict(list)
+    for places in where.values():
         if len(places) > 1:
-            findings.append(
-                _finding(
-                    "warning",
-                    "duplicate_slices",
-                    f"identical pixel data in {len(places)} slices ({'; '.join(places[:4])})"
-                    + (" across series" if len(series) > 1 else " within one series"),
-                    sorted(series),
-                )
+            groups[tuple(sorted({p.split(":", 1)[0] for p in places}))].append(places)
+    findings = []
+    for series, dup_sets in groups.items():
+        where_text = f"across series {', '.join(series)}" if len(series) > 1 else f"within {series[0]}"
+        findings.append(
+            _finding(
+                "warning",
+                "duplicate_slices",
+                f"{len(dup_sets)} slice(s) with identical pixel data {where_text} "
+                f"(e.g. {'; '.join(dup_sets[0][:2])})",
+                list(series),
             )
+        )
     return findings
 
 

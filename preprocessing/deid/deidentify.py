@@ -25,7 +25,8 @@ import random
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import pydicom
 from pydicom.dataelem import DataElement
@@ -113,7 +114,7 @@ class SafePrivate:
     element: int
 
     @classmethod
-    def parse(cls, text: str) -> "SafePrivate":
+    def parse(cls, text: str) -> SafePrivate:
         """Parse ``GGGG:CREATOR:EE`` (hex group and element byte).
 
         Raises:
@@ -193,7 +194,7 @@ class ReidMap:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path) -> "ReidMap":
+    def load(cls, path: Path) -> ReidMap:
         """Load an existing map so a later run keeps the same pseudonyms and UIDs."""
         data = artefacts.read_json(path, "re-identification map")
         return cls(data.get("patients", {}), data.get("uids", {}), data.get("files", []), [])
@@ -503,13 +504,14 @@ def deidentify_tree(
     options: DeidOptions = DeidOptions(),
     progress: bool = False,
     files: Iterable[Path] | None = None,
+    summary_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """De-identify every DICOM file under ``input_dir`` into ``output_dir``.
 
     Output layout: ``<out>/<pseudonym>/study-<n>/series-<number>-<modality>/IM<nnnnn>.dcm``;
     no original name, ID or description reaches a path. A summary without identifiers is
-    written to ``<out>/deid_summary.json``; the re-identification map (extended if it exists)
-    to ``reid_map_path``.
+    written to ``summary_path`` (default ``<out>/deid_summary.json``); the re-identification
+    map (extended if it exists) to ``reid_map_path``.
 
     Args:
         input_dir: original DICOM tree (only read).
@@ -518,6 +520,7 @@ def deidentify_tree(
         options: see :class:`DeidOptions`.
         progress: show a tqdm bar.
         files: explicit files under ``input_dir`` (default: all files).
+        summary_path: where to write the summary JSON.
 
     Returns:
         The summary (counts, skipped files with reasons, output files).
@@ -611,7 +614,7 @@ def deidentify_tree(
         "outputs": written,
     }
     # Skipped files are listed by source path only in the site-private map and the return value.
-    artefacts.write_json(out / artefacts.DEID_SUMMARY_JSON, summary)
+    artefacts.write_json(summary_path or out / artefacts.DEID_SUMMARY_JSON, summary)
     return {**summary, "skipped": skipped}
 
 

@@ -8,6 +8,7 @@ name and reason, and the remaining series are converted.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,7 @@ def convert_discovered(
         try:
             volume = load_series(record, options)
         except MonaiFLError as exc:
-            entry["reason"] = str(exc)
+            entry["reason"] = str(exc).replace(f"{root}{os.sep}", "")  # paths relative to the input
             skipped.append(entry)
             continue
         name = series_name(record)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -120,7 +120,7 @@ def make_enhanced(series_dir: Path, out: Path, shuffle_seed: int | None = None) 
     shared.PlaneOrientationSequence = DicomSequence([plane])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     frames = []
-    for i, d in enumerate(dss):
+    for d in dss:
         frame, pos, content = Dataset(), Dataset(), Dataset()
         pos.ImagePositionPatient = d.ImagePositionPatient
         content.InStackPositionNumber = int(d.InstanceNumber)

@@ -65,7 +65,8 @@ def test_all_stages_on_the_real_study(tmp_path, dicom_study, capsys):
     text = capsys.readouterr().out
     assert code == 0
     assert "de-identified 125 of 126 files for 1 patient(s)" in text
-    assert "5 image series, 5 converted, 0 skipped" in text
+    assert "scanned 125 files: 5 image series, 5 converted, 0 skipped" in text
+    assert (out / "deid_summary.json").is_file()
     assert "quality: ok - 4 images, 0 errors" in text
     assert "4 training, 0 test (unlabelled), 0 excluded" in text
     dataset = json.loads((out / "dataset.json").read_text())

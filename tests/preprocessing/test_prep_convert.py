@@ -233,3 +233,18 @@ def test_uncompressed_option(tmp_path):
     shutil.copy(bundled("MR_small.dcm"), tmp_path / "a.dcm")
     summary = convert_tree(tmp_path, tmp_path.parent / f"{tmp_path.name}_out", ConvertOptions(compress=False))
     assert summary["converted"][0]["nifti"].endswith(".nii")
+
+
+def test_two_echoes_are_written_as_4d(tmp_path):
+    positions = [p for p in axial_positions(3) for _ in range(2)]  # each position twice
+
+    def echo(k, ds):
+        ds.EchoNumbers, ds.EchoTime = k % 2 + 1, 10.0 if k % 2 == 0 else 80.0
+
+    paths = write_series(tmp_path / "in", positions, edit=echo)
+    (entry,) = convert_tree(tmp_path / "in", tmp_path / "out")["converted"]
+    data = np.asanyarray(nib.load(tmp_path / "out" / entry["nifti"]).dataobj)
+    assert data.shape == (128, 128, 3, 2)
+    # slice 1 of echo 2 is the 4th written file (index 3): position 1, second echo
+    second = pydicom.dcmread(paths[3])
+    np.testing.assert_array_equal(data[:, :, 1, 1], second.pixel_array.T.astype(np.int32) - 1024)

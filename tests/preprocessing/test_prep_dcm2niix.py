@@ -8,7 +8,6 @@ affines; the axis transform between them is checked explicitly.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

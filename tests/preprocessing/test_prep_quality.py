@@ -149,6 +149,8 @@ def test_dicom_duplicates_and_unreadable_files_are_reported(tmp_path, series_dir
     (unreadable,) = [f for f in report["findings"] if f["code"] == "unreadable_file"]
     assert unreadable["message"].startswith("broken.dcm:")
     assert len(report["summary"]["excluded_images"]) == 1 and summary["counts"]["converted"] == 2
+    (dup,) = [f for f in report["findings"] if f["code"] == "duplicate_slices"]
+    assert dup["message"].startswith("25 slice(s) with identical pixel data across series")
 
 
 def test_msd_hippocampus(data_root):
