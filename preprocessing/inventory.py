@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocessing import artefacts
-from preprocessing.errors import DataNotFoundError, DataFormatError
+from preprocessing.errors import DataFormatError, DataNotFoundError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 
 from preprocessing.errors import DataFormatError, DataNotFoundError, PrepConfigError
 from preprocessing.inventory import ImageItem, nifti_files, strip_nifti_suffix

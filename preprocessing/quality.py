@@ -16,10 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import html
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np

@@ -23,14 +23,15 @@ import datetime as dt
 import os
 import random
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
-from collections.abc import Iterable
 
 import pydicom
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
@@ -47,7 +48,7 @@ METHOD_TEXT = "monai-fl: PS3.15 Annex E Basic Profile"
 IMPLEMENTATION_VERSION = "MONAIFL_DEID_1"
 
 _TEXT_DUMMY = "ANONYMIZED"
-_DUMMY_BY_VR: dict[str, Any] = {
+_DUMMY_BY_VR: Mapping[str, Any] = MappingProxyType({
     "AE": "ANON",
     "AS": "000Y",
     "CS": "ANON",
@@ -80,7 +81,7 @@ _DUMMY_BY_VR: dict[str, Any] = {
     "FL": 0.0,
     "FD": 0.0,
     "AT": 0,
-}
+})
 
 #: Direct identifiers a site may never ask to keep.
 NEVER_KEEP = frozenset(

@@ -8,9 +8,9 @@ no pixel data, duplicate instance). Nothing is silently dropped.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 
 import pydicom
 from pydicom.errors import InvalidDicomError

@@ -16,9 +16,9 @@ NIfTI is RAS, so the LPS affine is pre-multiplied by diag(-1, -1, 1, 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from collections.abc import Sequence
 
 import numpy as np
 

@@ -7,8 +7,8 @@ committed.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pydicom

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from prep_helpers import axial_positions, copy_series, make_enhanced, bundled, write_series
+from prep_helpers import axial_positions, bundled, copy_series, make_enhanced, write_series
 
 from preprocessing.dicom.convert import ConvertOptions, convert_tree, format_summary
 from preprocessing.dicom.discover import NoteKind, discover_series

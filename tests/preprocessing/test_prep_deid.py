@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from preprocessing.deid import annex_e
-from preprocessing.deid.deidentify import DeidOptions, Deidentifier, SafePrivate, deidentify_tree
+from preprocessing.deid.deidentify import Deidentifier, DeidOptions, SafePrivate, deidentify_tree
 from preprocessing.dicom.convert import convert_tree
 from preprocessing.errors import DeidentificationError, PrepConfigError
 
