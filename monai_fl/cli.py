@@ -198,12 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, help="folder holding the MedMNIST .npz files")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from preprocessing.cli import add_prep_subcommands
-    except ImportError:
-        add_prep_subcommands = None
-    if add_prep_subcommands is not None:
-        add_prep_subcommands(sub)
+    from preprocessing.cli import add_prep_subcommands
+
+    add_prep_subcommands(sub)
     return parser
 
 
