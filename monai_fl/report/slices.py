@@ -76,15 +76,17 @@ def contour_figure(
         ax.imshow(img.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         for c in range(1, len(class_names) + 1):
             colour = CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
-            for mask, style in ((ref == c, "solid"), (pred == c, "dashed")):
+            # Reference wide and translucent, prediction thin and dashed: both stay visible where they agree.
+            for mask, style, width, alpha in ((ref == c, "solid", 2.4, 0.55), (pred == c, "dashed", 1.1, 1.0)):
                 if mask.any() and not mask.all():
-                    ax.contour(mask.T.astype(float), levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
+                    ax.contour(mask.T.astype(float), levels=[0.5], colors=[colour], linestyles=style,
+                               linewidths=width, alpha=alpha)
         ax.set_title(f"{AXIS_NAMES[axis]} {k}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [Line2D([], [], color=CLASS_COLOURS[i % len(CLASS_COLOURS)], label=n) for i, n in enumerate(class_names)]
-    handles += [Line2D([], [], color="black", linestyle="solid", label="reference"),
-                Line2D([], [], color="black", linestyle="dashed", label="predicted")]
+    handles += [Line2D([], [], color="black", linestyle="solid", linewidth=2.4, alpha=0.55, label="reference"),
+                Line2D([], [], color="black", linestyle="dashed", linewidth=1.1, label="predicted")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -188,6 +188,9 @@ def build_seg_transforms(stage: str, spec: SegSpec, cfg: SegmentationConfig, aug
         Orientationd(keys, axcodes=AXCODES, labels=AXIS_LABELS),
         Spacingd(keys, pixdim=spec.pixdim, mode=modes),
         _intensity(cfg),
+        # Metadata is needed only to invert inference; plain tensors make the per-sample random
+        # crops and flips about twice as fast as on MetaTensors.
+        EnsureTyped(keys, dtype=torch.float32, track_meta=stage == "infer"),
     ]
     if stage == "train":
         chain += [
@@ -205,7 +208,6 @@ def build_seg_transforms(stage: str, spec: SegSpec, cfg: SegmentationConfig, aug
                 RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
                 RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
             ]
-    chain.append(EnsureTyped(keys, dtype=torch.float32, track_meta=stage == "infer"))
     return Compose(chain)
 
 
