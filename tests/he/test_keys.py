@@ -1,0 +1,95 @@
+"""Key material: the server's context cannot decrypt; contexts must match the codec parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from monai_fl.he.backend import CiphertextAdder
+from monai_fl.he.codec import CodecParams, ReferenceState, encode_update
+from monai_fl.he.errors import HECodecError, HEContributionError, HEKeyError
+from monai_fl.he.keys import (
+    CLIENT_CONTEXT_FILE,
+    SERVER_CONTEXT_FILE,
+    check_matches,
+    is_private,
+    load_context,
+    require_server_context,
+    secret_cipher,
+    write_simulator_contexts,
+)
+
+from he_helpers import cnn_weights
+
+
+def test_server_context_is_not_private_and_cannot_decrypt(contexts, params):
+    server = load_context(contexts.server)
+    client = load_context(contexts.client)
+    assert is_private(client) and not is_private(server)
+    require_server_context(server, params)
+    with pytest.raises(HEKeyError, match="no secret key"):
+        secret_cipher(server, params)
+    # The TenSEAL API refuses too: a vector encrypted by a site cannot be decrypted with it.
+    vec = ts.bfv_vector(client, [1, 2, 3])
+    with pytest.raises(ValueError, match="secret"):
+        ts.bfv_vector_from(server, vec.serialize()).decrypt()
+    with pytest.raises(ValueError):
+        server.secret_key()
+    # Parameters only: no public, relinearisation or Galois key material either.
+    assert not server.data.has_relin_keys() and not server.data.has_galois_keys()
+    assert len(contexts.server) < 200
+
+
+def test_server_refuses_a_private_context(contexts, params):
+    with pytest.raises(HEKeyError, match="secret key"):
+        require_server_context(load_context(contexts.client), params)
+
+
+def test_context_of_other_parameters_is_rejected(contexts):
+    other = CodecParams(coeff_mod_bit_sizes=(36, 36, 37))
+    with pytest.raises(HECodecError, match="does not match"):
+        check_matches(load_context(contexts.server), other)
+
+
+def test_unreadable_context(tmp_path):
+    with pytest.raises(HEKeyError, match="not found"):
+        load_context(tmp_path / "missing.tenseal")
+    bad = tmp_path / "bad.tenseal"
+    bad.write_bytes(b"not a context")
+    with pytest.raises(HEKeyError, match="cannot read"):
+        load_context(bad)
+
+
+def test_simulator_contexts(tmp_path, params):
+    ws = tmp_path / "ws"
+    both = write_simulator_contexts(ws, params)
+    assert both.client_context == (ws / "startup" / CLIENT_CONTEXT_FILE).resolve()
+    assert both.client_context_arg == CLIENT_CONTEXT_FILE
+    assert (both.client_context.stat().st_mode & 0o777) == 0o600
+    split = write_simulator_contexts(ws, params, client_key_dir=tmp_path / "site_keys")
+    assert not (ws / "startup" / CLIENT_CONTEXT_FILE).exists()  # stale secret removed
+    assert is_private(load_context(split.client_context))
+    assert not is_private(load_context(ws / "startup" / SERVER_CONTEXT_FILE))
+    assert split.client_context_arg == str(split.client_context)
+
+
+def test_adder_accepts_only_valid_ciphertexts(contexts, params, cipher):
+    adder = CiphertextAdder(params)
+    state = ReferenceState.initial(cnn_weights(np.random.default_rng(0)), params)
+    cts, _ = encode_update(state, state.weights, is_delta=False, weight=1, params=params, encryptor=cipher)
+    adder.load(cts[0])
+    for bad, match in [(np.zeros(4), "bytes"), (b"\x00" * 100, "magic"), (cts[0][:500], "invalid")]:
+        with pytest.raises(HEContributionError, match=match):
+            adder.load(bad)
+    other = CodecParams(coeff_mod_bit_sizes=(36, 36, 37))
+    with pytest.raises(HEContributionError):
+        CiphertextAdder(other).load(cts[0])
+
+
+def test_seeded_upload_is_half_the_summed_size(params, cipher):
+    state = ReferenceState.initial(cnn_weights(np.random.default_rng(1)), params)
+    cts, _ = encode_update(state, state.weights, is_delta=False, weight=1, params=params, encryptor=cipher)
+    total = CiphertextAdder(params).sum([cts, cts])
+    assert len(cts[0]) < 0.6 * len(total[0])
+    assert cipher.noise_budget(total[0]) > 0
