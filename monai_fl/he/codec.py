@@ -145,8 +145,8 @@ class CodecParams:
     rounding: Rounding = Rounding.STOCHASTIC
     init_range_rel: float = 0.5
     init_range_abs: float = 2.0**-3
-    range_margin_log2: int = 1
-    max_shrink_log2: int = 4
+    range_margin_log2: int = 2
+    max_shrink_log2: int = 1
     min_range_log2: int = -40
     max_contributions: int = 256
 
