@@ -72,3 +72,23 @@ def test_write_site_resources(tmp_path):
     assert len(data["class_allow_list"]) > 50  # the default list is kept, not replaced
     write_site_resources(tmp_path / "local")
     assert json.loads(path.read_text())["class_allow_list"].count(ALLOW_LIST_PREFIX) == 1
+
+
+def test_allow_list_admits_the_he_components(tmp_path):
+    """NVFlare's own authorizer: refused under the default list, admitted after write_site_resources."""
+    from nvflare.apis.fl_exception import UnsafeComponentError
+    from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
+
+    class Workspace:
+        def __init__(self, path):
+            self.path = path
+
+        def get_resources_file_path(self):
+            return str(self.path) if self.path.exists() else None
+
+    config = {"path": "monai_fl.he.nvflare_components.HEAggregator", "args": {}}
+    local = tmp_path / "local"
+    with pytest.raises(UnsafeComponentError, match="not in allow_list"):
+        ComponentPathAuthorizer().authorize_component_config(config, workspace=Workspace(local / "resources.json"))
+    path = write_site_resources(local)
+    ComponentPathAuthorizer().authorize_component_config(config, workspace=Workspace(path))
