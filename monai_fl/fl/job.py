@@ -6,6 +6,7 @@ and a test checks the committed folder equals a fresh export, so there is one so
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,13 @@ JOB_CONFIG_NAME = "experiment.yaml"
 PERSISTOR_ID = "persistor"
 
 
-def build_job(cfg: ExperimentConfig, name: str | None = None, he: bool | None = None, config_file: Path | None = None):
+def build_job(
+    cfg: ExperimentConfig,
+    name: str | None = None,
+    he: bool | None = None,
+    config_file: Path | None = None,
+    client_context_file: str | None = None,
+):
     """A ``BaseFedJob``: ScatterAndGather FedAvg over ``cfg.fl.rounds`` rounds, then one evaluation
     of the final global model at every site (GlobalModelEval).
 
@@ -26,6 +33,8 @@ def build_job(cfg: ExperimentConfig, name: str | None = None, he: bool | None = 
         name: job name (default: the experiment name, ``_he`` added when encrypted).
         he: attach homomorphic encryption (default ``cfg.fl.he``).
         config_file: where to write the shipped config (a temp file if None).
+        client_context_file: HE only: where sites load their secret context from (default: the
+            startup-kit file name, as provisioned kits have it).
     """
     from nvflare.apis.dxo import DataKind
     from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import InTimeAccumulateWeightedAggregator
@@ -51,7 +60,8 @@ def build_job(cfg: ExperimentConfig, name: str | None = None, he: bool | None = 
     if he:
         from monai_fl.he.nvflare_components import attach_he
 
-        attach_he(job, network=network, persistor_id=PERSISTOR_ID)
+        extra = {"client_context_file": client_context_file} if client_context_file else {}
+        attach_he(job, network=network, persistor_id=PERSISTOR_ID, **extra)
     else:
         job.to_server(PTFileModelPersistor(model=network), id=PERSISTOR_ID)
         job.to_server(FullModelShareableGenerator(), id="shareable_generator")
@@ -76,11 +86,21 @@ def build_job(cfg: ExperimentConfig, name: str | None = None, he: bool | None = 
     return job
 
 
-def export_job(cfg: ExperimentConfig, out_dir: Path, he: bool | None = None, name: str | None = None) -> Path:
+def export_job(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    he: bool | None = None,
+    name: str | None = None,
+    client_context_file: str | None = None,
+) -> Path:
     """Write the NVFlare job folder (``<out_dir>/<job name>``) for ``cfg``; returns its path."""
-    with tempfile.TemporaryDirectory() as tmp:
-        job = build_job(cfg, name=name, he=he, config_file=Path(tmp) / JOB_CONFIG_NAME)
-        target = Path(out_dir) / job.name
+    out_dir = Path(out_dir).resolve()
+    # NVFlare names an absolute resource after the sys.path entry that contains it, which depends on
+    # the caller; relative names from inside the staging folder land flat in custom/ every time.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        job = build_job(cfg, name=name, he=he, config_file=Path(JOB_CONFIG_NAME),
+                        client_context_file=client_context_file)
+        target = out_dir / job.name
         if target.exists():
             shutil.rmtree(target)
         job.export_job(str(out_dir))

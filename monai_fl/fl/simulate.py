@@ -44,8 +44,9 @@ def run_simulation(
         cfg: experiment config (rounds, sites, network …).
         manifest: site manifest every site reads its shard from.
         data_root: data folder for the sites (None: sites use ``$MONAI_FL_DATA``).
-        out_dir: run folder; the job is exported to ``out_dir/jobs`` and the simulator workspace is
-            ``out_dir/sim_he`` or ``out_dir/sim_plain``.
+        out_dir: run folder; the job is exported to ``out_dir/jobs``, the simulator workspace is
+            ``out_dir/sim_he`` or ``out_dir/sim_plain``, and under HE the sites' secret context is
+            written to ``out_dir/site_keys``.
         he: run the homomorphic-encryption job.
         threads: simulator client threads (default: all sites at once, at most the CPU count).
 
@@ -54,12 +55,15 @@ def run_simulation(
         "peak_rss_gib", "workspace", "job"}``. Raises :class:`MonaiFLError` if the run failed.
     """
     tag = "he" if he else "plain"
-    job_dir = export_job(cfg, out_dir / "jobs", he=he)
     ws = out_dir / f"sim_{tag}"
+    client_context = None
     if he:
         from monai_fl.he.keys import write_simulator_contexts
 
-        write_simulator_contexts(ws)
+        # The sites' secret context lives outside the simulator workspace, so the server's folder
+        # holds only the public parameters, as a provisioned server kit does.
+        client_context = write_simulator_contexts(ws, client_key_dir=out_dir / "site_keys").client_context_arg
+    job_dir = export_job(cfg, out_dir / "jobs", he=he, client_context_file=client_context)
     n_sites = cfg.partition.n_sites
     threads = threads or max(1, min(n_sites, os.cpu_count() or 1))
     env = dict(os.environ)
