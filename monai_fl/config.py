@@ -17,7 +17,8 @@ from monai_fl.errors import MonaiFLError
 @dataclass
 class DatasetConfig:
     name: str = "pneumoniamnist"
-    size: int = 28
+    size: int = 28  # the official file's image size
+    input_size: int | None = None  # resize to this before the network (None: the file's size)
 
 
 @dataclass

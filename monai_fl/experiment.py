@@ -57,7 +57,7 @@ class Experiment:
 
     @property
     def spec(self) -> cls_task.TaskSpec:
-        return cls_task.TaskSpec.from_dataset(self.data)
+        return classification_spec(self.cfg)
 
     @property
     def sites(self) -> list[str]:
@@ -104,7 +104,8 @@ def classification_spec(cfg: ExperimentConfig) -> cls_task.TaskSpec:
     (the NVFlare server builds the initial model but holds no images)."""
     info = dataset_info(cfg.dataset.name)
     names = tuple(info["label"][str(i)] for i in range(len(info["label"])))
-    return cls_task.TaskSpec(info["n_channels"], len(names), info["ndim"], cfg.dataset.size, names)
+    size = cfg.dataset.input_size or cfg.dataset.size
+    return cls_task.TaskSpec(info["n_channels"], len(names), info["ndim"], size, names, file_size=cfg.dataset.size)
 
 
 def model_for_config(cfg: ExperimentConfig, data_root: str | os.PathLike | None = None) -> nn.Module:

@@ -35,14 +35,25 @@ def test_unknown_network_is_named():
         build_network(NetworkConfig("vgg"), SPEC_2D)
 
 
-def test_cached_loader_equals_the_eval_transform_applied_per_image():
-    x = np.random.default_rng(0).integers(0, 256, (20, 1, 28, 28), dtype=np.uint8)
-    y = np.arange(20) % 2
-    per_image = torch.stack([torch.as_tensor(build_transforms("eval", SPEC_2D)(img)) for img in x])
-    batch, labels = next(iter(make_loader(x, y, "eval", SPEC_2D, 20)))
-    assert torch.allclose(batch, per_image)
+@pytest.mark.parametrize("spec", [SPEC_2D, TaskSpec(3, 2, 2, 32, ("a", "b"), file_size=28),
+                                  TaskSpec(1, 2, 3, 32, ("a", "b"), file_size=28)], ids=["2d", "2d-resize", "3d-resize"])
+def test_cached_loader_equals_the_eval_transform_applied_per_image(spec):
+    x = np.random.default_rng(0).integers(0, 256, (6, spec.in_channels) + (28,) * spec.spatial_dims, dtype=np.uint8)
+    y = np.arange(6) % 2
+    per_image = torch.stack([torch.as_tensor(build_transforms("eval", spec)(img)) for img in x])
+    batch, labels = next(iter(make_loader(x, y, "eval", spec, 6)))
+    assert batch.shape == (6,) + spec.input_shape
+    assert torch.allclose(batch, per_image, atol=1e-6)
     assert labels.tolist() == y.tolist()
-    assert batch.min() >= -1 and batch.max() <= 1
+    assert batch.min() >= -1 - 1e-6 and batch.max() <= 1 + 1e-6
+
+
+def test_densenet121_takes_28px_files_resized_to_32():
+    spec = TaskSpec(1, 2, 2, 32, ("a", "b"), file_size=28)
+    net = build_network(NetworkConfig("densenet121"), spec)
+    x = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    batch, _ = next(iter(make_loader(x, np.zeros(4, int), "train", spec, 4)))
+    assert net.eval()(batch).shape == (4, 2)
 
 
 def test_train_loader_augments_and_is_deterministic_for_a_seed():

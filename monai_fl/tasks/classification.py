@@ -21,6 +21,7 @@ from monai.transforms import (
     RandAffine,
     RandFlip,
     Randomizable,
+    Resize,
     ScaleIntensityRange,
 )
 from torch import nn
@@ -41,13 +42,9 @@ class TaskSpec:
     in_channels: int
     num_classes: int
     spatial_dims: int
-    image_size: int
+    image_size: int  # what the network sees
     label_names: tuple[str, ...]
-
-    @classmethod
-    def from_dataset(cls, data) -> "TaskSpec":
-        """From a :class:`monai_fl.data.medmnist.MedMNIST`."""
-        return cls(data.n_channels, data.num_classes, data.ndim, data.size, tuple(data.label_names))
+    file_size: int | None = None  # the stored images' size when it differs (resized in the transforms)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -130,7 +127,8 @@ def _check_forward(net: nn.Module, spec: TaskSpec, name: str) -> None:
 def build_transforms(stage: str, spec: TaskSpec, augment: bool = True) -> Compose:
     """Train or eval transforms for channel-first uint8 images (one function for both stages).
 
-    Both stages scale 0–255 to 0–1 and normalise with MedMNIST's mean/std 0.5; ``train`` adds mild
+    Both stages scale 0–255 to 0–1, normalise with MedMNIST's mean/std 0.5 and, when the network
+    input size differs from the stored size, resize (bilinear/trilinear); ``train`` adds mild
     geometric augmentation (rotation ±10°, scale ±10 %, shift ±2 px; flips only for 3D volumes).
     """
     if stage not in ("train", "eval"):
@@ -139,6 +137,9 @@ def build_transforms(stage: str, spec: TaskSpec, augment: bool = True) -> Compos
         ScaleIntensityRange(a_min=0, a_max=255, b_min=0.0, b_max=1.0),
         NormalizeIntensity(subtrahend=0.5, divisor=0.5),
     ]
+    if spec.file_size not in (None, spec.image_size):
+        base.append(Resize(spatial_size=(spec.image_size,) * spec.spatial_dims,
+                           mode="bilinear" if spec.spatial_dims == 2 else "trilinear"))
     aug: list = []
     if stage == "train" and augment:
         rot = 0.17
@@ -173,10 +174,11 @@ def make_loader(
     chain = build_transforms(stage, spec, augment).transforms
     first_random = next((i for i, t in enumerate(chain) if isinstance(t, Randomizable)), len(chain))
     head, tail = Compose(chain[:first_random]), Compose(chain[first_random:])
-    # Elementwise intensity transforms with fixed constants give the same result on the stacked
-    # array as image by image; the stack is passed as one channel-first "image".
+    # The deterministic head treats every channel alike (elementwise intensity maps with fixed
+    # constants, resize), so the stack can pass through it as one channel-first "image".
     flat = images.reshape((-1,) + images.shape[2:])
-    cached = torch.as_tensor(np.asarray(head(flat))).reshape(images.shape).float()
+    cached = torch.as_tensor(np.asarray(head(flat))).float()
+    cached = cached.reshape(images.shape[:2] + cached.shape[1:])
     targets = torch.as_tensor(labels, dtype=torch.long)
     if first_random < len(chain):
         ds = ArrayDataset(img=cached, img_transform=tail, labels=targets)
