@@ -7,6 +7,7 @@ and a test checks the committed folder equals a fresh export, so there is one so
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -104,4 +105,21 @@ def export_job(
         if target.exists():
             shutil.rmtree(target)
         job.export_job(str(out_dir))
+    for config in (target / "app" / "config").glob("*.json"):
+        _sort_task_lists(config)
     return target
+
+
+def _sort_task_lists(path: Path) -> None:
+    """NVFlare keeps a filter's tasks in a set, so their order follows string hashing; sort them
+    so an export is byte-identical from run to run."""
+
+    def visit(node):
+        if isinstance(node, dict):
+            return {k: sorted(v) if k == "tasks" and all(isinstance(t, str) for t in v) else visit(v)
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(v) for v in node]
+        return node
+
+    path.write_text(json.dumps(visit(json.loads(path.read_text())), indent=4))
