@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from datetime import datetime
 import subprocess
 import sys
 import time
@@ -137,7 +139,41 @@ def collect(ws: Path, cfg: ExperimentConfig) -> dict:
             rec = json.loads(line)
             rounds.append({"round": rec["round"],
                            "sites": {s["name"]: {m["name"]: m["value"] for m in s["metrics"]} for s in rec["sites"]}})
-    return {"sites": sites, "pooled_reported": pooled, "rounds": rounds}
+    return {"sites": sites, "pooled_reported": pooled, "rounds": rounds, **round_timings(ws / "server" / "log.txt")}
+
+
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - .*?"
+_EVENTS = {
+    "round_start": re.compile(_STAMP + r"Round (\d+) started"),
+    "round_end": re.compile(_STAMP + r"Round (\d+) finished"),
+    "agg_start": re.compile(_STAMP + r"Start aggregation"),
+    "agg_end": re.compile(_STAMP + r"End aggregation"),
+}
+
+
+def round_timings(server_log: Path) -> dict:
+    """Per-round wall time and server aggregation time (seconds) from the server's log."""
+    starts, rounds, agg_start, aggs = {}, [], None, []
+    try:
+        lines = server_log.read_text().splitlines()
+    except OSError:
+        return {"round_time_s": [], "aggregation_time_s": []}
+    for line in lines:
+        for kind, pattern in _EVENTS.items():
+            m = pattern.match(line)
+            if not m:
+                continue
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if kind == "round_start":
+                starts[int(m.group(2))] = t
+            elif kind == "round_end" and int(m.group(2)) in starts:
+                rounds.append(t - starts[int(m.group(2))])
+            elif kind == "agg_start":
+                agg_start = t
+            elif kind == "agg_end" and agg_start is not None:
+                aggs.append(t - agg_start)
+                agg_start = None
+    return {"round_time_s": rounds, "aggregation_time_s": aggs}
 
 
 def load_site_model(ws: Path, cfg: ExperimentConfig, site: str) -> torch.nn.Module:
