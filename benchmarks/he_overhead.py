@@ -400,7 +400,7 @@ def run(models=MODELS, reps: int = 2, log=print) -> dict:
     log("GIL check")
     out["codec"]["thread_scaling"] = isolated(measure_thread_scaling)
     main_model = models[-1]
-    fastest = lambda runs: max(runs.values(), key=lambda r: r["encrypt_mparams_per_s"])  # noqa: E731
+    fastest = lambda runs: max(runs.values(), key=lambda r: r["encrypt_mparams_per_s"])
     out["codec"].update(headline(out["codec"]["models"], main_model, fastest))
     out["nvflare_stock"].update(headline(out["nvflare_stock"]["models"], main_model, fastest))
     plain = out["plaintext"]["models"][main_model]

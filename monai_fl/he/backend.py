@@ -16,9 +16,10 @@ import collections
 import os
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Iterable, Iterator, Sequence
+from typing import Self
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -75,7 +76,7 @@ class ByteBridge:
             self._tmp = None
 
 
-def seal_context(params: CodecParams) -> "seal.SEALContext":
+def seal_context(params: CodecParams) -> seal.SEALContext:
     """The SEAL context of the codec parameters, refusing anything below 128-bit security."""
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
@@ -97,7 +98,7 @@ class CiphertextAdder:
         self.bridge = ByteBridge()
         self._parms_id = self.context.first_parms_id()
 
-    def load(self, data) -> "seal.Ciphertext":
+    def load(self, data) -> seal.Ciphertext:
         """Parse one ciphertext of this parameter set.
 
         Raises:
@@ -117,10 +118,10 @@ class CiphertextAdder:
             raise HEContributionError("ciphertext is not a 2-polynomial BFV ciphertext at the data level")
         return ct
 
-    def add_inplace(self, accumulator: "seal.Ciphertext", ct: "seal.Ciphertext") -> None:
+    def add_inplace(self, accumulator: seal.Ciphertext, ct: seal.Ciphertext) -> None:
         self.evaluator.add_inplace(accumulator, ct)
 
-    def dump(self, ct: "seal.Ciphertext") -> bytes:
+    def dump(self, ct: seal.Ciphertext) -> bytes:
         return self.bridge.dump(ct)
 
     def sum(self, contributions: Sequence[Sequence[bytes]]) -> list[bytes]:
@@ -158,7 +159,7 @@ class _SealSecret:
         # The Serializable from encrypt_symmetric saves c1 as a seed: half the bytes.
         return self.bridge.dump(self.encryptor.encrypt_symmetric(pt))
 
-    def load(self, data: bytes) -> "seal.Ciphertext":
+    def load(self, data: bytes) -> seal.Ciphertext:
         if not isinstance(data, (bytes, bytearray)) or bytes(data[:2]) != SEAL_MAGIC:
             raise HEContributionError("payload is not a SEAL ciphertext")
         ct = seal.Ciphertext()
@@ -283,7 +284,7 @@ class SecretCipher:
             self._pool = None
         self._local.close()
 
-    def __enter__(self) -> "SecretCipher":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

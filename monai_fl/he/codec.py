@@ -39,14 +39,14 @@ adds at most half a unit in the last place of float32. Values outside the range 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -223,7 +223,7 @@ class CodecParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping | None) -> "CodecParams":
+    def from_dict(cls, d: Mapping | None) -> CodecParams:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not pass silently)."""
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
@@ -264,7 +264,7 @@ class Layout:
     specs: tuple[TensorSpec, ...]
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Layout":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
         specs = []
         for name in sorted(arrays):
             a = arrays[name]
@@ -275,7 +275,7 @@ class Layout:
         return cls(tuple(specs))
 
     @classmethod
-    def from_list(cls, items: Iterable[Sequence]) -> "Layout":
+    def from_list(cls, items: Iterable[Sequence]) -> Layout:
         """Inverse of :meth:`to_list`."""
         return cls(tuple(TensorSpec(str(n), tuple(int(s) for s in shape), str(dt)) for n, shape, dt in items))
 
@@ -325,7 +325,7 @@ class ReferenceState:
     exponents: dict[str, int]
 
     @classmethod
-    def initial(cls, weights: Mapping[str, np.ndarray], params: CodecParams) -> "ReferenceState":
+    def initial(cls, weights: Mapping[str, np.ndarray], params: CodecParams) -> ReferenceState:
         """Version 0 from the initial global model (identical at every site)."""
         arrays = {k: np.array(v, copy=True) for k, v in weights.items()}
         layout = Layout.from_arrays(arrays)

@@ -29,11 +29,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.event_type import EventType
@@ -202,7 +202,7 @@ class HESiteCodec(FLComponent):
         if steps is None:
             raise HEContributionError(
                 "weight_mode 'steps' needs FLModel.meta['NUM_STEPS_CURRENT_ROUND'] from the training script")
-        weight = int(round(float(steps) / self.weight_unit))
+        weight = round(float(steps) / self.weight_unit)
         capped = min(max(weight, 1), self.max_site_weight)
         if capped != weight:
             self.log_warning(fl_ctx, f"HE: weight {weight} ({steps} steps / unit {self.weight_unit}) capped to "
@@ -448,7 +448,7 @@ class HEAggregator(Aggregator):
             return
         try:
             declared = Layout.from_list(meta.get(HEMetaKey.LAYOUT) or [])
-        except Exception:
+        except (TypeError, ValueError):  # malformed declaration: report it as unexpected content
             declared = Layout(())
         ours = {s.name: s for s in layout.specs}
         theirs = {s.name: s for s in declared.specs}

@@ -29,7 +29,7 @@ def cnn_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
             out[name] = np.zeros(shape, dtype)
         elif name.endswith("running_var") or name == "bn1.weight":
             out[name] = np.ones(shape, dtype)
-        elif name.endswith("bias") or name.endswith("running_mean"):
+        elif name.endswith(("bias", "running_mean")):
             out[name] = np.zeros(shape, dtype)
         else:
             fan_in = int(np.prod(shape[1:]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from he_helpers import cnn_weights, local_update
 
 from monai_fl.he.backend import CiphertextAdder
 from monai_fl.he.codec import (
@@ -23,8 +24,6 @@ from monai_fl.he.codec import (
     weighted_mean_reference,
 )
 from monai_fl.he.errors import HECodecError, HEContributionError
-
-from he_helpers import cnn_weights, local_update
 
 
 def test_default_plain_modulus_is_the_largest_60_bit_batching_prime():

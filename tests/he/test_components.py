@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-
+from he_helpers import cnn_weights, local_update
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey
@@ -30,8 +30,6 @@ from monai_fl.he.nvflare_components import (
     HESiteCodec,
 )
 from monai_fl.he.package import read_package, write_package
-
-from he_helpers import cnn_weights, local_update
 
 
 class FakeEngine:
@@ -166,7 +164,7 @@ def test_full_round_trip_and_server_sees_ciphertext_only(setup):
 
 
 def _prime(setup, rng):
-    params, aggregator, generator, engine, sites = setup
+    _, _, generator, engine, sites = setup
     g0 = cnn_weights(rng)
     global_model = make_model_learnable(g0, {})
     task = generator.learnable_to_shareable(global_model, make_ctx(engine, "server"))
@@ -175,7 +173,7 @@ def _prime(setup, rng):
 
 
 def test_nan_update_is_refused_at_the_site(setup, caplog):
-    params, aggregator, generator, engine, sites = setup
+    sites = setup[-1]
     _, _, received = _prime(setup, np.random.default_rng(1))
     bad = dict(received[0])
     bad["fc.bias"] = np.array([np.nan, 1.0], np.float32)
@@ -232,7 +230,7 @@ def test_bad_contributions_are_rejected_and_round_completes(setup, caplog, tmp_p
 
 
 def test_stale_round_and_version_are_rejected(setup, caplog):
-    params, aggregator, generator, engine, sites = setup
+    _, aggregator, generator, engine, sites = setup
     rng = np.random.default_rng(3)
     _, global_model, received = _prime(setup, rng)
     late = sites[0].send(local_update(received[0], rng), 5, round_num=7)

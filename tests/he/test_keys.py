@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tenseal as ts
+from he_helpers import cnn_weights
 
 from monai_fl.he.backend import CiphertextAdder
 from monai_fl.he.codec import CodecParams, ReferenceState, encode_update
@@ -19,8 +20,6 @@ from monai_fl.he.keys import (
     secret_cipher,
     write_simulator_contexts,
 )
-
-from he_helpers import cnn_weights
 
 
 def test_server_context_is_not_private_and_cannot_decrypt(contexts, params):

@@ -40,8 +40,7 @@ def kits(tmp_path_factory) -> Path:
     project_dict = yaml.safe_load(PROJECT)
     project = prepare_project(project_dict)
     Provisioner(str(root), prepare_builders(project_dict)).provision(project)
-    prod = sorted((root / "he_kits").glob("prod_*"))[-1]
-    return prod
+    return max((root / "he_kits").glob("prod_*"))
 
 
 def test_contexts_in_kits_and_signed(kits):
