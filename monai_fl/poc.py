@@ -33,9 +33,9 @@ from monai_fl.config import ExperimentConfig
 from monai_fl.errors import MonaiFLError
 from monai_fl.provision import (
     Kits,
-    allow_classes,
     check_loopback_kits,
     check_loopback_project,
+    configure_server_kit,
     configure_site_kit,
     free_loopback_ports,
     job_component_classes,
@@ -105,7 +105,7 @@ class PocSetup:
 def prepare_poc(cfg: ExperimentConfig, data_root: str | os.PathLike | None, workdir: str | os.PathLike,
                 he: bool | None = None, sites: list[str] | None = None, log: Log = _quiet) -> PocSetup:
     """Provision a loopback project for ``cfg``'s sites, write the site manifest, export the job and
-    finish every kit's ``local/`` folder (site config, class allow-list).
+    finish every kit's ``local/`` folder (site config, class allow-list, the server's job store).
 
     Args:
         cfg: the experiment (its ``partition.n_sites`` sites unless ``sites`` is given).
@@ -140,7 +140,8 @@ def prepare_poc(cfg: ExperimentConfig, data_root: str | os.PathLike | None, work
         raise PocError(f"sites {', '.join(missing)} are not in the site manifest {manifest} ({', '.join(exp.sites)})")
     job_dir = export_job(cfg, workdir / "jobs", he=he)
     classes = job_component_classes(job_dir)
-    allow_classes(kits.server, classes["server"])
+    # The job store of this server lives in the run folder, not in NVFlare's shared /tmp/nvflare.
+    configure_server_kit(kits.server, workdir / "server_storage", classes["server"])
     for kit in kits.sites.values():
         configure_site_kit(kit, data_dir, manifest, classes["client"])
     return PocSetup(workdir, kits, project_file, job_dir, manifest, data_dir, he)

@@ -367,6 +367,34 @@ def allow_classes(kit: str | os.PathLike, classes) -> Path:
     return target
 
 
+def configure_server_kit(kit: str | os.PathLike, storage_dir: str | os.PathLike | None = None, classes=()) -> Path:
+    """Finish the server kit's ``local/resources.json``: allow-list, and where jobs are stored.
+
+    NVFlare's kit keeps the job store and the snapshots under ``/tmp/nvflare``: shared by every
+    server on the machine and lost on reboot. ``storage_dir`` moves both there
+    (``<storage_dir>/jobs-storage``, ``<storage_dir>/snapshot-storage``).
+
+    Returns:
+        The resources file.
+    """
+    target = allow_classes(kit, classes)
+    if storage_dir is None:
+        return target
+    storage = Path(storage_dir).resolve()
+    resources = json.loads(target.read_text())
+    jobs, snapshots = storage / "jobs-storage", storage / "snapshot-storage"
+    for comp in resources.get("components", []):
+        if comp.get("id") == "job_manager":
+            comp.setdefault("args", {})["uri_root"] = str(jobs)
+    snap = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+    if snap is not None:
+        snap["root_dir"] = str(snapshots)
+    for d in (jobs, snapshots):
+        d.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(resources, indent=2) + "\n")
+    return target
+
+
 def configure_site_kit(kit: str | os.PathLike, data_root: str | os.PathLike | None, manifest: str | os.PathLike,
                        classes=(), check: bool = True) -> Path:
     """Write a site kit's ``local/monai_fl_site.json`` (data and manifest) and its allow-list.
@@ -437,9 +465,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
     for s, k in kits.sites.items():
         print(f"  {s:<7} {k}")
     print(f"  admin   {kits.admin}")
+    classes = job_classes_for_config(args.config, he=not args.no_he)
+    print(f"server resources: {configure_server_kit(kits.server, args.server_storage, classes['server'])}")
     if args.manifest:
-        classes = job_classes_for_config(args.config, he=not args.no_he)
-        allow_classes(kits.server, classes["server"])
         for s, k in kits.sites.items():
             print(f"site config: {configure_site_kit(k, args.data_root, args.manifest, classes['client'])}")
     else:
@@ -466,9 +494,12 @@ def add_provision_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, help="server admin port")
     p.add_argument("--free-ports", action="store_true", help="pick two free loopback ports for the server")
     p.add_argument("--no-he", action="store_true", help="leave out the HE builder (plaintext jobs only)")
+    p.add_argument("--server-storage", type=Path,
+                   help="folder for the server's job store and snapshots (NVFlare's default: /tmp/nvflare)")
     g = p.add_argument_group("trial on one machine: configure every site kit")
     g.add_argument("--manifest", type=Path, help="site manifest: write it into every site kit's local/monai_fl_site.json")
     g.add_argument("--data-root", type=Path, help="data folder for every site kit (with --manifest)")
-    g.add_argument("--config", type=Path, help="experiment config whose job's classes go in the kits' allow-lists")
+    p.add_argument("--config", type=Path, help="experiment config whose job's classes go in the kits' allow-lists "
+                                                "(default configs/pneumoniamnist_he.yaml)")
     p.set_defaults(func=cmd_provision)
     return p

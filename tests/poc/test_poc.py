@@ -154,6 +154,8 @@ def test_he_job_returns_global_model_and_metrics(poc, he_run, cfg):
     ConfiguredNetwork(cfg.to_dict()).load_state_dict(states[0])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+    # the job is stored in this run's folder (not in NVFlare's default, machine-wide /tmp/nvflare)
+    assert (setup.workdir / "server_storage" / "jobs-storage" / he_run.job_id).is_dir()
     # the server kept only the encrypted model and never held the secret key, also after the run
     server_models = [p.name for p in _files(he_run.result_dir) if p.suffix in (".pt", ".he")]
     assert "FL_global_model.he" in server_models and "FL_global_model.pt" not in server_models

@@ -21,6 +21,7 @@ from monai_fl.provision import (
     allow_classes,
     check_loopback_kits,
     check_loopback_project,
+    configure_server_kit,
     configure_site_kit,
     find_kits,
     free_loopback_ports,
@@ -142,3 +143,14 @@ def test_monai_fl_provision_command(tmp_path, capsys):
     ports = {p for _, _, p in check_loopback_kits(kits)}
     assert len(ports) == 2 and not ports & {8002, 8003}
     assert (kits.sites["site-1"] / "startup" / CLIENT_CONTEXT_FILE).is_file()
+
+
+def test_server_kit_job_store_moved_out_of_tmp(standard_kits, tmp_path):
+    path = configure_server_kit(standard_kits.server, tmp_path / "store", {"monai_fl.fl.model.ConfiguredNetwork"})
+    text = path.read_text()
+    assert "/tmp/nvflare" not in text
+    resources = json.loads(text)
+    manager = next(c for c in resources["components"] if c["id"] == "job_manager")
+    assert manager["args"]["uri_root"] == str(tmp_path / "store" / "jobs-storage")
+    assert (tmp_path / "store" / "snapshot-storage").is_dir()
+    assert "monai_fl.fl.model.ConfiguredNetwork" in resources["class_allow_list"]
