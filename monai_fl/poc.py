@@ -384,9 +384,11 @@ class PocSystem:
     def stop(self, grace: float = 30.0) -> None:
         """Shut the system down: admin ``shutdown all``, then SIGTERM and SIGKILL to whatever remains."""
         self._track_once()
+        asked = False
         if self.session is not None:
             try:
                 self.session.shutdown("all", wait=False)
+                asked = True
                 self.log("admin: shutdown all")
             except Exception as exc:  # noqa: BLE001 - stopping goes on whatever the server answers
                 self.log(f"admin shutdown failed ({exc}); killing the processes")
@@ -395,7 +397,8 @@ class PocSystem:
             except Exception as exc:  # noqa: BLE001
                 self.log(f"closing the admin session failed: {exc}")
             self.session = None
-        deadline = time.monotonic() + grace
+        # Give a system that was asked to shut down time to do so; otherwise signal at once.
+        deadline = time.monotonic() + (grace if asked else 0.0)
         while time.monotonic() < deadline and any(p.proc.poll() is None for p in self.participants.values()):
             self._track_once()
             time.sleep(POLL_S)

@@ -228,3 +228,27 @@ def test_stop_leaves_no_process(poc):
     assert system.alive() == []
     assert all(p.proc.poll() is not None for p in system.participants.values())
     assert [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_failed_start_still_stops_everything(tmp_path):
+    """The server cannot open its admin port (taken): the harness raises within its deadline and
+    leaves no process behind."""
+    import socket
+
+    from monai_fl.poc import PocError
+    from monai_fl.provision import free_loopback_ports
+
+    fed_port, admin_port = free_loopback_ports(2)
+    kits, _ = provision_project(tmp_path / "busy", sites=["site-1"], name="busy_port", server_host="localhost",
+                                fed_learn_port=fed_port, admin_port=admin_port, he=False)
+    t0 = time.monotonic()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", admin_port))
+        blocker.listen()
+        with pytest.raises(PocError, match="did not accept the admin login"), \
+                PocSystem(kits, tmp_path / "logs", log=print) as system:
+            system.start_server()
+            system.connect(timeout=15)
+    assert time.monotonic() - t0 < 90
+    assert system.alive() == []
+    assert [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE] == []
