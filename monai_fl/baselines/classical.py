@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
@@ -26,7 +27,8 @@ def build_classical(name: str, seed: int):
     if name == "logistic_regression":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
     if name == "svm_rbf":
-        return make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
+        # Platt-calibrated probabilities for AUC (scikit-learn's replacement for probability=True).
+        return make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(random_state=seed), ensemble=False))
     if name == "hist_gradient_boosting":
         return HistGradientBoostingClassifier(random_state=seed)
     if name == "mlp":
