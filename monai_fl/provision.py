@@ -461,14 +461,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
                                            admin_port=args.admin_port or admin_port, he=not args.no_he)
     print(f"project file: {project_file}")
     print(f"startup kits: {kits.root}")
-    print(f"  server  {kits.server}")
-    for s, k in kits.sites.items():
-        print(f"  {s:<7} {k}")
-    print(f"  admin   {kits.admin}")
+    width = max(len(n) for n in ("server", *kits.sites))
+    for label, kit in (("server", kits.server), *kits.sites.items(), ("admin", kits.admin)):
+        print(f"  {label:<{width}}  {kit}")
     classes = job_classes_for_config(args.config, he=not args.no_he)
     print(f"server resources: {configure_server_kit(kits.server, args.server_storage, classes['server'])}")
     if args.manifest:
-        for s, k in kits.sites.items():
+        for k in kits.sites.values():
             print(f"site config: {configure_site_kit(k, args.data_root, args.manifest, classes['client'])}")
     else:
         print("next: every site writes <kit>/local/monai_fl_site.json with "
