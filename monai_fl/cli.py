@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from monai_fl.config import ExperimentConfig
@@ -58,52 +57,27 @@ def _out_dir(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> P
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from monai_fl.data.medmnist import load_medmnist
-    from monai_fl.data.partition import write_manifest
-    from monai_fl.experiment import make_manifest
+    from monai_fl.experiment import prepare
 
     cfg = load_config(args)
-    data = load_medmnist(cfg.dataset.name, cfg.dataset.size, args.data_root)
-    manifest = make_manifest(cfg, data)
-    path = write_manifest(manifest, args.manifest or _out_dir(args, cfg, "partition") / "manifest.json")
-    print(f"{data.name}: {manifest['n_pool']} training cases split {manifest['scheme']} over "
-          f"{len(manifest['sites'])} sites (seed {manifest['seed']})")
-    for site, e in manifest["sites"].items():
-        print(f"  {site}: {e['n_train']:5d} train {e['class_counts']}  {e['n_test']:4d} test {e['test_class_counts']}")
+    path = args.manifest or _out_dir(args, cfg, "partition") / "manifest.json"
+    if path.exists():
+        raise MonaiFLError(f"{path} exists; a site manifest is never overwritten (remove it or pick another --manifest)")
+    m = prepare(cfg, args.data_root, path, create=True).manifest
+    print(f"{m['dataset']}: {m['n_pool']} cases, training cases split {m['scheme']} over {len(m['sites'])} sites "
+          f"(seed {m['seed']})")
+    for site, e in m["sites"].items():
+        counts = f" {e['class_counts']}" if e.get("class_counts") else ""
+        test_counts = f" {e['test_class_counts']}" if e.get("test_class_counts") else ""
+        print(f"  {site}: {e['n_train']:5d} train{counts}  {e['n_test']:4d} test{test_counts}")
     print(f"site manifest: {path}")
     return 0
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from monai_fl.baselines.classical import run_classical
-    from monai_fl.baselines.deep import run_centralized, run_local
-    from monai_fl.experiment import prepare
-    from monai_fl.report.tables import format_table, method_rows
-    from monai_fl.utils import write_json
-
-    cfg = load_config(args)
-    out = _out_dir(args, cfg, f"baseline-{args.kind}")
-    exp = prepare(cfg, args.data_root, args.manifest or out / "manifest.json")
-    cfg.save(out / "config.yaml")
-    t0 = time.perf_counter()
-    if args.kind == "centralized":
-        result, model = run_centralized(exp)
-        import torch
-
-        torch.save(model.state_dict(), out / "model.pt")
-    elif args.kind == "local":
-        result = run_local(exp)
-    else:
-        result = run_classical(exp)
-    results = {
-        "experiment": cfg.name, "config": cfg.to_dict(), "manifest": str(exp.manifest_path),
-        "dataset": {"name": exp.data.name, "size": exp.data.size, "md5": exp.data.md5, "labels": exp.data.label_names},
-        "methods": {args.kind: result}, "wall_time_s": time.perf_counter() - t0,
-    }
-    path = write_json(results, out / "results.json")
-    print(format_table(method_rows(results)))
-    print(f"results: {path}")
-    return 0
+    args.source = None
+    args.methods = args.kind
+    return cmd_run(args)
 
 
 def _config_source(path: Path) -> Path:

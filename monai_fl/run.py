@@ -34,6 +34,8 @@ def run_experiment(
     if unknown:
         raise MonaiFLError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_METHODS)}")
     if Method.CLASSICAL.value in methods and cfg.task != "classification":
+        if methods == (Method.CLASSICAL.value,):
+            raise MonaiFLError("classical baselines (models on flattened pixels) exist for classification only")
         methods = tuple(m for m in methods if m != Method.CLASSICAL.value)
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = prepare(cfg, data_root, manifest or out_dir / "manifest.json")
@@ -48,30 +50,39 @@ def run_experiment(
         "methods": {}, "timing_s": {},
     }
     results_path = out_dir / "results.json"
+    models = {}
     for method in methods:
         t0 = time.perf_counter()
-        results["methods"][method] = _run_method(method, exp, out_dir, data_root)
+        results["methods"][method], models[method] = _run_method(method, exp, out_dir, data_root)
         results["timing_s"][method] = time.perf_counter() - t0
+        write_json(results, results_path)
+    if Method.CENTRALIZED.value in models:
+        import torch
+
+        torch.save(models[Method.CENTRALIZED.value].state_dict(), out_dir / "centralized_model.pt")
+    if cfg.task == "segmentation":
+        results["figures"] = _segmentation_figures(exp, models, out_dir)
         write_json(results, results_path)
     write_report(results, out_dir)
     return results
 
 
-def _run_method(method: str, exp, out_dir: Path, data_root) -> dict:
+def _run_method(method: str, exp, out_dir: Path, data_root):
+    """(result, trained model or None) of one method."""
     from monai_fl.baselines.deep import run_centralized, run_local
 
     if method in (Method.FL_HE.value, Method.FL_PLAIN.value):
         return _run_federated(exp, out_dir, data_root, he=method == Method.FL_HE.value)
     if method == Method.CENTRALIZED.value:
-        return run_centralized(exp)[0]
+        return run_centralized(exp)
     if method == Method.LOCAL.value:
-        return run_local(exp)
+        return run_local(exp), None
     from monai_fl.baselines.classical import run_classical
 
-    return run_classical(exp)
+    return run_classical(exp), None
 
 
-def _run_federated(exp, out_dir: Path, data_root, he: bool) -> dict:
+def _run_federated(exp, out_dir: Path, data_root, he: bool):
     """Simulator run; then the pooled test evaluation of the final model a site holds."""
     from monai_fl.fl.simulate import load_site_model, run_simulation
 
@@ -81,7 +92,22 @@ def _run_federated(exp, out_dir: Path, data_root, he: bool) -> dict:
     model = load_site_model(Path(r["workspace"]), exp.cfg, exp.sites[0])
     r[POOLED] = exp.evaluate(model, exp.test_loader(None))
     r["pooled_consistent_across_sites"] = _consistent(r[POOLED], r.pop("pooled_reported"))
-    return r
+    return r, model
+
+
+def _segmentation_figures(exp, models: dict, out_dir: Path, n_cases: int = 3) -> dict:
+    """Reference vs predicted contours on a few pooled-test volumes, for the best-placed model
+    (federated HE, else plaintext, else centralized)."""
+    from monai_fl.report.slices import save_case_figures
+    from monai_fl.tasks.segmentation_experiment import case_names
+
+    for method in (Method.FL_HE.value, Method.FL_PLAIN.value, Method.CENTRALIZED.value):
+        if models.get(method) is not None:
+            names = case_names(exp, exp.test_indices(None))
+            paths = save_case_figures(models[method], exp.test_loader(None), exp.spec, exp.cfg.segmentation,
+                                      out_dir / "figures", n_cases=n_cases, names=names)
+            return {"model": method, "paths": [str(p.relative_to(out_dir)) for p in paths]}
+    return {}
 
 
 def _consistent(pooled: dict, reported: dict, tol: float = 1e-6) -> bool:

@@ -65,4 +65,29 @@ def test_baselines_share_the_manifest(tmp_path, medmnist_dir):
     assert local["manifest"] == cent["manifest"] == str(manifest)
     assert set(local["methods"]["local"]["per_site_model"]) == {"site-1", "site-2", "site-3"}
     assert 0 <= cent["methods"]["centralized"]["pooled"]["auc"] <= 1
-    assert (tmp_path / "cent" / "model.pt").exists()
+    assert (tmp_path / "cent" / "centralized_model.pt").exists()
+    assert cent["task"] == "classification" and (tmp_path / "cent" / "report.html").exists()
+
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_partition_works_for_segmentation_and_never_overwrites(tmp_path, data_root, capsys):
+    if not (data_root / "msd" / "Task04_Hippocampus" / "dataset.json").is_file():
+        pytest.skip("Hippocampus data absent")
+    out = tmp_path / "seg_manifest.json"
+    args = ["partition", "--config", str(REPO_CONFIGS / "hippocampus_seg.yaml"), "--manifest", str(out)]
+    assert main(args) == 0
+    m = json.loads(out.read_text())
+    assert m["n_pool"] == 260 and len(m["test_indices"]) == 52
+    assert sum(s["n_train"] for s in m["sites"].values()) == 208
+    assert "site-3" in capsys.readouterr().out
+    before = out.read_text()
+    assert main(args) == 2
+    assert "never overwritten" in capsys.readouterr().err and out.read_text() == before
+
+
+def test_classical_baseline_refuses_segmentation(tmp_path, capsys):
+    assert main(["baseline", "classical", "--config", str(REPO_CONFIGS / "hippocampus_seg.yaml"),
+                 "--out", str(tmp_path)]) == 2
+    assert "classification only" in capsys.readouterr().err

@@ -58,14 +58,22 @@ def run_local(exp: TaskExperiment) -> dict:
     }
 
 
+def _nan_mean_std(values: list) -> tuple[float, float]:
+    arr = np.array([v if v is not None else np.nan for v in values], dtype=float)
+    if not np.isfinite(arr).any():
+        return float("nan"), float("nan")
+    return float(np.nanmean(arr)), float(np.nanstd(arr))
+
+
 def mean_metrics(results: list[dict]) -> dict:
-    """Mean (and spread) of every scalar headline metric (AUC/ACC, mean Dice/HD95) over several
-    models' results, NaN-aware."""
+    """Mean (and spread) over several models' results, NaN-aware: every scalar metric (AUC/ACC,
+    mean Dice/HD95, loss) and every per-class scalar dict (Dice/HD95 per class)."""
     out = {}
-    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "n"]
-    for key in keys:
-        values = np.array([r[key] if r.get(key) is not None else np.nan for r in results], dtype=float)
-        out[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        out[f"{key}_std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
+    first = results[0]
+    for key, value in first.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n":
+            out[key], out[f"{key}_std"] = _nan_mean_std([r.get(key) for r in results])
+        elif isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+            out[key] = {c: _nan_mean_std([r.get(key, {}).get(c) for r in results])[0] for c in value}
     out["n_models"] = len(results)
     return out

@@ -74,6 +74,11 @@ def markdown_report(results: dict, plots: dict[str, Path]) -> str:
     ]
     for name, path in plots.items():
         parts += ["", f"![{name}]({path.name})"]
+    figures = results.get("figures") or {}
+    if figures.get("paths"):
+        parts += ["", f"## Contours on pooled-test volumes ({figures['model']} model)",
+                  "Reference solid, prediction dashed."]
+        parts += [f"![{Path(p).stem}]({p})" for p in figures["paths"]]
     return "\n".join(parts) + "\n"
 
 
@@ -94,6 +99,10 @@ def html_report(results: dict, plots: dict[str, Path]) -> str:
     setup = "".join(f"<li>{html.escape(line.lstrip('- ').replace('**', ''))}</li>" for line in _setup_lines(results))
     timing = "".join(f"<li>{html.escape(line.lstrip('- '))}</li>" for line in _timing_lines(results))
     imgs = "".join(f'<figure><img src="{p.name}" alt="{n}"><figcaption>{n}</figcaption></figure>' for n, p in plots.items())
+    figures = results.get("figures") or {}
+    imgs += "".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(Path(p).stem)}"><figcaption>'
+                    f'{html.escape(Path(p).stem)}: reference solid, {html.escape(figures["model"])} prediction dashed'
+                    f'</figcaption></figure>' for p in figures.get("paths", []))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>monai-fl report: {html.escape(results['experiment'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}

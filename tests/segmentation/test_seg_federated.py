@@ -34,4 +34,9 @@ def test_3d_he_fedavg_on_tiny_volumes(tmp_path):
     a = torch.load(ws / "site-1" / FINAL_MODEL_FILE, weights_only=True)
     b = torch.load(ws / "site-2" / FINAL_MODEL_FILE, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert "mean dice" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "mean dice" in report
+    figures = results["figures"]
+    assert figures["model"] == "fl_he" and figures["paths"]
+    for rel in figures["paths"]:
+        assert (tmp_path / "run" / rel).stat().st_size > 0 and rel in report
