@@ -55,6 +55,7 @@ POC_EXPERIMENT = {
     "train": {"epochs": 2, "batch_size": 64, "augment": False, "seed": 0, "threads": 1},
     "fl": {"rounds": 2, "local_epochs": 1, "he": True},
 }
+NVFLARE_DEFAULT_STORAGE = "/tmp/nvflare"  # where a provisioned server kit keeps jobs unless told otherwise
 POLL_S = 1.0
 TRACK_S = 0.5
 # Environment a site must not inherit from the harness: it finds its data through its kit's
@@ -234,6 +235,12 @@ class PocSystem:
         return p
 
     def start_server(self) -> Participant:
+        """Start the server; a kit still using NVFlare's machine-wide job store (``/tmp/nvflare``)
+        gets one in this system's log folder first, so that runs never share jobs."""
+        resources = self.kits.server / "local" / "resources.json"
+        if not resources.is_file() or NVFLARE_DEFAULT_STORAGE in resources.read_text():
+            configure_server_kit(self.kits.server, self.log_dir / "server_storage")
+            self.log(f"server job store: {self.log_dir / 'server_storage'}")
         return self.start("server", self.kits.server)
 
     def start_sites(self, names: list[str] | None = None) -> list[Participant]:

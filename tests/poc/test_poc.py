@@ -250,5 +250,7 @@ def test_failed_start_still_stops_everything(tmp_path):
             system.start_server()
             system.connect(timeout=15)
     assert time.monotonic() - t0 < 90
+    # the harness gave this unconfigured kit a job store of its own (not NVFlare's /tmp/nvflare)
+    assert (tmp_path / "logs" / "server_storage" / "jobs-storage").is_dir()
     assert system.alive() == []
     assert [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE] == []
