@@ -375,6 +375,19 @@ class PocSystem:
                 pass
         return out
 
+    def socket_addresses(self) -> set[str]:
+        """Every local and remote IP address of the inet sockets the system's processes hold now."""
+        found = set()
+        for proc in self.alive():
+            try:
+                for c in proc.net_connections(kind="inet"):
+                    found.add(c.laddr.ip)
+                    if c.raddr:
+                        found.add(c.raddr.ip)
+            except psutil.Error:
+                pass
+        return found
+
     def _signal_all(self, sig: int) -> None:
         own_group = os.getpgrp()
         for proc in self.alive():

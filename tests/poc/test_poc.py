@@ -61,9 +61,27 @@ def poc(tmp_path_factory, data_root, cfg):
 
 @pytest.fixture(scope="module")
 def he_run(poc):
-    """The HE job, run once; later tests reuse its result."""
+    """The HE job, run once; later tests reuse its result. While it runs, the IP addresses of every
+    socket of every process of the system are sampled (``he_run.addresses``)."""
+    import threading
+
     setup, system = poc
-    return run_job(system, setup, JOB_TIMEOUT)
+    addresses: set[str] = set()
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.5):
+            addresses.update(system.socket_addresses())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = run_job(system, setup, JOB_TIMEOUT)
+    finally:
+        done.set()
+        sampler.join()
+    result.addresses = addresses
+    return result
 
 
 def _files(root: Path):
@@ -104,6 +122,11 @@ def test_every_address_is_loopback(poc):
     server = psutil.Process(poc[1].participants["server"].proc.pid)
     listening = [c.laddr for c in server.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening and all(is_loopback_host(a.ip) for a in listening), listening
+
+
+def test_every_socket_during_the_job_is_loopback(he_run):
+    assert he_run.addresses, "no socket was sampled"
+    assert all(is_loopback_host(a) for a in he_run.addresses), sorted(he_run.addresses)
 
 
 def test_server_kit_holds_no_secret_key_sites_share_one(poc):
