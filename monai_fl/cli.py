@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, help="folder holding the MedMNIST .npz files")
     p.set_defaults(func=cmd_demo)
 
+    from monai_fl.provision import add_provision_subcommand
     from preprocessing.cli import add_prep_subcommands
 
+    add_provision_subcommand(sub)
     add_prep_subcommands(sub)
     return parser
 

@@ -130,6 +130,7 @@ def prepare(
     data_root: str | os.PathLike | None = None,
     manifest_path: str | os.PathLike | None = None,
     create: bool = True,
+    download: bool = True,
 ) -> TaskExperiment:
     """Load the dataset and the site manifest (creating the manifest if asked and absent).
 
@@ -138,6 +139,8 @@ def prepare(
         data_root: user-given data folder (``--data-root``).
         manifest_path: site manifest file; when absent and ``create``, it is written there.
         create: write a new manifest if ``manifest_path`` does not exist.
+        download: allow fetching a missing official file (sites pass False: a hospital's data is
+            what its IT staff put there, and a site never reaches out to the internet on its own).
 
     Raises:
         ManifestError: the manifest does not belong to this dataset file or disagrees with the config.
@@ -148,7 +151,7 @@ def prepare(
         return prepare_segmentation(cfg, data_root, manifest_path, create)
     if cfg.task != "classification":
         raise MonaiFLError(f"unknown task '{cfg.task}'; use classification or segmentation")
-    data = load_medmnist(cfg.dataset.name, cfg.dataset.size, data_root)
+    data = load_medmnist(cfg.dataset.name, cfg.dataset.size, data_root, download=download)
     pool_x, pool_y = data.pool()
     path = Path(manifest_path) if manifest_path else None
     if path is not None and path.exists():

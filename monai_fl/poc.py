@@ -479,11 +479,12 @@ def read_job_result(result_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     return rounds, final
 
 
-def site_final_models(kits: Kits) -> dict[str, Path]:
-    """The decrypted final global model each site saved in its own workspace (the kit folder)."""
-    from monai_fl.fl.client import FINAL_MODEL_FILE
+def site_final_models(kits: Kits, job_id: str) -> dict[str, Path]:
+    """The decrypted final global model each site saved in its own workspace for ``job_id``."""
+    from monai_fl.fl.client import final_model_path
 
-    return {s: k / FINAL_MODEL_FILE for s, k in kits.sites.items() if (k / FINAL_MODEL_FILE).is_file()}
+    paths = {s: final_model_path(k, job_id) for s, k in kits.sites.items()}
+    return {s: p for s, p in paths.items() if p.is_file()}
 
 
 def run_job(system: PocSystem, setup: PocSetup, timeout: float) -> PocResult:
@@ -493,7 +494,7 @@ def run_job(system: PocSystem, setup: PocSetup, timeout: float) -> PocResult:
     meta = system.wait_job(job_id, timeout)
     result_dir = system.download(job_id, setup.workdir / "results" / job_id)
     rounds, final = read_job_result(result_dir)
-    return PocResult(job_id, meta.get("status", ""), result_dir, rounds, final, site_final_models(setup.kits),
+    return PocResult(job_id, meta.get("status", ""), result_dir, rounds, final, site_final_models(setup.kits, job_id),
                      time.perf_counter() - t0)
 
 

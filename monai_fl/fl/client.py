@@ -28,6 +28,12 @@ log = logging.getLogger("monai_fl.client")
 
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"  # NVFlare's FLMetaKey.NUM_STEPS_CURRENT_ROUND
 FINAL_MODEL_FILE = "global_model_final.pt"
+MODELS_DIR = "models"  # <site workspace>/models/<job id>/global_model_final.pt
+
+
+def final_model_path(workspace: Path, job_id: str) -> Path:
+    """Where a site keeps the final global model of a job (one folder per job, nothing overwritten)."""
+    return Path(workspace) / MODELS_DIR / job_id / FINAL_MODEL_FILE
 
 
 def scalar_metrics(metrics: dict, prefix: str = "") -> dict:
@@ -42,7 +48,7 @@ class Site:
     def __init__(self, cfg: ExperimentConfig, site: str, workspace: Path):
         self.cfg, self.site, self.workspace = cfg, site, workspace
         paths = resolve_site_paths(workspace)
-        self.exp = prepare(cfg, paths.data_root, paths.manifest, create=False)
+        self.exp = prepare(cfg, paths.data_root, paths.manifest, create=False, download=False)
         if site not in self.exp.sites:
             raise ValueError(f"site '{site}' is not in the site manifest {paths.manifest} (sites: {', '.join(self.exp.sites)})")
         # Sites get distinct seeds so their augmentation streams differ, as they would in reality.
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     site_name = flare.get_site_name()
     cfg = ExperimentConfig.load(_job_file(args.config))
     site = Site(cfg, site_name, Path(os.getcwd()))
+    model_path = final_model_path(site.workspace, flare.get_job_id())
 
     while flare.is_running():
         incoming = flare.receive()
@@ -108,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         site.load(incoming.params)
         if flare.is_evaluate():
             metrics = site.evaluate(pooled=True)
-            torch.save(site.model.state_dict(), site.workspace / FINAL_MODEL_FILE)
-            log.info("%s: final global model %s", site_name, metrics)
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(site.model.state_dict(), model_path)
+            log.info("%s: final global model %s saved to %s", site_name, metrics, model_path)
             flare.send(FLModel(metrics=metrics))
             continue
         r = incoming.current_round or 0

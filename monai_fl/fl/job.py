@@ -15,7 +15,7 @@ from pathlib import Path
 from monai_fl.config import ExperimentConfig
 
 SITE_SCRIPT = Path(__file__).with_name("templates") / "monai_fl_site.py"
-JOB_CONFIG_NAME = "experiment.yaml"
+JOB_CONFIG_NAME = "experiment.json"  # JSON: `nvflare job submit` would parse YAML with omegaconf
 PERSISTOR_ID = "persistor"
 
 
@@ -30,7 +30,7 @@ def build_job(
     of the final global model at every site (GlobalModelEval).
 
     Args:
-        cfg: the experiment; shipped with the job as ``experiment.yaml`` beside the site script.
+        cfg: the experiment; shipped with the job as ``experiment.json`` beside the site script.
         name: job name (default: the experiment name, ``_he`` added when encrypted).
         he: attach homomorphic encryption (default ``cfg.fl.he``).
         config_file: where to write the shipped config (a temp file if None).

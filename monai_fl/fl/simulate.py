@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from monai_fl.config import ExperimentConfig
 from monai_fl.errors import MonaiFLError
-from monai_fl.fl.client import FINAL_MODEL_FILE
+from monai_fl.fl.client import FINAL_MODEL_FILE, MODELS_DIR
 from monai_fl.fl.job import export_job
 from monai_fl.fl.model import ConfiguredNetwork
 from monai_fl.fl.site_config import MANIFEST_ENV
@@ -50,7 +50,9 @@ def run_simulation(
             ``out_dir/sim_he`` or ``out_dir/sim_plain``, and under HE the sites' secret context is
             written to ``out_dir/site_keys``.
         he: run the homomorphic-encryption job.
-        threads: simulator client threads (default: all sites at once, at most the CPU count).
+        threads: simulator client threads (default: one per site, so every site lives for the whole
+            job as it does in a real deployment; fewer makes the simulator restart sites between
+            tasks, which loses a site's HE reference model).
 
     Returns:
         ``{"sites": {site: final metrics}, "pooled_reported": …, "rounds": […], "wall_time_s",
@@ -67,7 +69,7 @@ def run_simulation(
         client_context = write_simulator_contexts(ws, client_key_dir=out_dir / "site_keys").client_context_arg
     job_dir = export_job(cfg, out_dir / "jobs", he=he, client_context_file=client_context)
     n_sites = cfg.partition.n_sites
-    threads = threads or max(1, min(n_sites, os.cpu_count() or 1))
+    threads = threads or n_sites
     env = dict(os.environ)
     env[MANIFEST_ENV] = str(Path(manifest).resolve())
     if data_root is not None:
@@ -178,9 +180,11 @@ def round_timings(server_log: Path) -> dict:
 
 def load_site_model(ws: Path, cfg: ExperimentConfig, site: str) -> torch.nn.Module:
     """The final global model as ``site`` decrypted and stored it in its own workspace."""
-    path = Path(ws) / site / FINAL_MODEL_FILE
-    if not path.is_file():
-        raise MonaiFLError(f"{path} is missing: {site} did not receive the final global model")
+    found = sorted((Path(ws) / site / MODELS_DIR).glob(f"*/{FINAL_MODEL_FILE}"))
+    if len(found) != 1:
+        raise MonaiFLError(f"expected one {MODELS_DIR}/<job>/{FINAL_MODEL_FILE} under {Path(ws) / site}, found "
+                           f"{len(found)}: {site} did not receive the final global model")
+    path = found[0]
     model = ConfiguredNetwork(cfg.to_dict())
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from monai_fl.config import ExperimentConfig
-from monai_fl.fl.client import FINAL_MODEL_FILE
+from monai_fl.fl.simulate import load_site_model
 from monai_fl.he.keys import is_private, load_context
 from monai_fl.run import run_experiment
 
@@ -24,8 +24,8 @@ def test_he_fedavg_runs_and_the_server_holds_no_secret(tmp_path, medmnist_dir):
 
     ws = tmp_path / "sim_he"
     # Both sites decrypted the same final global model.
-    a = torch.load(ws / "site-1" / FINAL_MODEL_FILE, weights_only=True)
-    b = torch.load(ws / "site-2" / FINAL_MODEL_FILE, weights_only=True)
+    a = load_site_model(ws, cfg, "site-1").state_dict()
+    b = load_site_model(ws, cfg, "site-2").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # The server's workspace holds only public-parameter contexts and no plaintext model.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from monai_fl.config import ExperimentConfig
-from monai_fl.fl.client import FINAL_MODEL_FILE
+from monai_fl.fl.simulate import load_site_model
 from monai_fl.run import run_experiment
 from seg_fixtures import write_msd_task
 
@@ -31,8 +31,8 @@ def test_3d_he_fedavg_on_tiny_volumes(tmp_path):
     assert fl["pooled_consistent_across_sites"] is True
     assert 0.0 <= fl["pooled"]["mean_dice"] <= 1.0
     ws = tmp_path / "run" / "sim_he"
-    a = torch.load(ws / "site-1" / FINAL_MODEL_FILE, weights_only=True)
-    b = torch.load(ws / "site-2" / FINAL_MODEL_FILE, weights_only=True)
+    a = load_site_model(ws, cfg, "site-1").state_dict()
+    b = load_site_model(ws, cfg, "site-2").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "mean dice" in report
