@@ -88,8 +88,17 @@ def exact_fedavg(updates, weights=SITE_STEPS) -> dict[str, np.ndarray]:
     return {k: sum(w * u[k].astype(np.float64) for u, w in zip(updates, weights)) / total for k in updates[0]}
 
 
-def max_error(got: dict, exact: dict) -> float:
-    return max(float(np.max(np.abs(np.asarray(got[k], np.float64) - exact[k]))) for k in exact)
+def max_error(got: dict, exact: dict, integer: bool = False) -> float:
+    """Largest |got - exact| over the float tensors (or, with ``integer``, the integer ones)."""
+    errs = [float(np.max(np.abs(np.asarray(got[k], np.float64) - exact[k]))) for k in exact
+            if np.issubdtype(np.asarray(got[k]).dtype, np.integer) == integer]
+    return max(errs, default=0.0)
+
+
+def _over_bound(got: dict, exact: dict, bound: dict) -> float:
+    """Largest error / (codec bound + float32 half-ulp slack) over all tensors; <= 1 holds the bound."""
+    return max(float(np.max(np.abs(np.asarray(got[k], np.float64) - exact[k]))) /
+               (bound[k] + float(np.max(np.spacing(np.abs(exact[k]).astype(np.float32))))) for k in exact)
 
 
 def peak_rss_mib() -> dict:
@@ -221,7 +230,7 @@ def measure_stock(model: str, threads: int = 1) -> dict:
     dec.tenseal_context = ts_ctx
     agg = HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False)
     agg.handle_event(EventType.START_RUN, server_ctx)
-    totals = {"enc": 0.0, "agg": 0.0, "dec": 0.0, "up": 0, "down": 0}
+    totals = {"enc": 0.0, "agg": 0.0, "dec": 0.0, "up": 0, "down": 0, "enc_cpu": 0.0, "dec_cpu": 0.0}
     err = 0.0
 
     def encrypt_one(args):  # plaintext tensor of one site -> wire bytes
@@ -232,10 +241,11 @@ def measure_stock(model: str, threads: int = 1) -> dict:
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     names = list(g0)
     for name in names:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jobs = [(i, name) for i in range(len(SITE_STEPS))]
         wires = list(pool.map(encrypt_one, jobs)) if pool else [encrypt_one(j) for j in jobs]
         totals["enc"] += (time.perf_counter() - t0) / len(SITE_STEPS)
+        totals["enc_cpu"] += (time.process_time() - c0) / len(SITE_STEPS)
         totals["up"] += len(wires[0])
         t0 = time.perf_counter()
         for i, w in enumerate(wires):
@@ -244,12 +254,14 @@ def measure_stock(model: str, threads: int = 1) -> dict:
         agg.reset(server_ctx)
         totals["agg"] += time.perf_counter() - t0
         totals["down"] += len(down)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dxo = from_shareable(Shareable.from_bytes(down))
         out = dec.decryption(dxo.data, dxo.get_meta_prop(MetaKey.PROCESSED_KEYS), site_ctx)
         totals["dec"] += time.perf_counter() - t0
-        got = np.asarray(out[name], np.float64).reshape(-1)
-        err = max(err, float(np.max(np.abs(got - exact[name].reshape(-1)))))
+        totals["dec_cpu"] += time.process_time() - c0
+        if not np.issubdtype(g0[name].dtype, np.integer):
+            got = np.asarray(out[name], np.float64).reshape(-1)
+            err = max(err, float(np.max(np.abs(got - exact[name].reshape(-1)))))
     if pool:
         pool.shutdown()
     return {
@@ -257,6 +269,8 @@ def measure_stock(model: str, threads: int = 1) -> dict:
         "upload_bytes_per_param": totals["up"] / n, "download_bytes_per_param": totals["down"] / n,
         "bytes_per_param": (totals["up"] + totals["down"]) / 2 / n,
         "encrypt_mparams_per_s": n / totals["enc"] / 1e6, "decrypt_mparams_per_s": n / totals["dec"] / 1e6,
+        "encrypt_mparams_per_cpu_s": n / totals["enc_cpu"] / 1e6 if threads == 1 else None,
+        "decrypt_mparams_per_cpu_s": n / totals["dec_cpu"] / 1e6 if threads == 1 else None,
         "server_aggregation_s": totals["agg"], "max_abs_error": err, "peak_rss_mib": peak_rss_mib(),
         "note": "streamed per tensor; a real round buffers whole messages (upload_bytes_per_param * params per site)",
     }
@@ -304,15 +318,16 @@ def measure_codec(model: str, workers: int = 1, reps: int = 1) -> dict:
         reference = site.state
         # Untimed first pass: starts worker processes and warms lazy imports and allocators.
         site.cipher.encrypt_blocks([np.zeros(params.poly_modulus_degree, np.uint64)] * (2 * workers))
-        enc_t, dec_t, agg_t = [], [], []
+        enc_t, dec_t, agg_t, enc_cpu, dec_cpu = [], [], [], [], []
         for rep in range(reps + 1):
             site.state = reference
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             wires = []
             for u, s in zip(updates, SITE_STEPS):
                 dxo = site.encode(DXO(DataKind.WEIGHTS, u, {MetaKey.NUM_STEPS_CURRENT_ROUND: s}), site_ctx, True)
                 wires.append(dxo.to_shareable().to_bytes())
             enc_t.append((time.perf_counter() - t0) / len(updates) if rep else float("inf"))
+            enc_cpu.append((time.process_time() - c0) / len(updates) if rep else float("inf"))
             ctx = _ctx(_Engine(), "server", **{AppConstants.GLOBAL_MODEL: global_model, AppConstants.CURRENT_ROUND: 0})
             t0 = time.perf_counter()
             for i, w in enumerate(wires):
@@ -322,12 +337,22 @@ def measure_codec(model: str, workers: int = 1, reps: int = 1) -> dict:
             aggregator.reset(ctx)
             new_global = generator.shareable_to_learnable(Shareable.from_bytes(down), ctx)
             task = generator.learnable_to_shareable(new_global, ctx).to_bytes()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = site.decode(from_shareable(Shareable.from_bytes(task)), site_ctx).data
             dec_t.append(time.perf_counter() - t0 if rep else float("inf"))
-        bound = reference.error_bound(params)
-        ratio = max(float(np.max(np.abs(np.asarray(result[k], np.float64) - exact[k]))) /
-                    (bound[k] + float(np.max(np.spacing(np.abs(exact[k]).astype(np.float32))))) for k in exact)
+            dec_cpu.append(time.process_time() - c0 if rep else float("inf"))
+        ratio = _over_bound(result, exact, reference.error_bound(params))
+        # Round 1: ranges learnt from round 0's encrypted statistics (the steady state).
+        state1 = site.state
+        updates1 = site_updates(state1.weights)
+        exact1 = exact_fedavg(updates1)
+        ctx = _ctx(_Engine(), "server", **{AppConstants.GLOBAL_MODEL: new_global, AppConstants.CURRENT_ROUND: 1})
+        for i, (u, st) in enumerate(zip(updates1, SITE_STEPS)):
+            dxo = site.encode(DXO(DataKind.WEIGHTS, u, {MetaKey.NUM_STEPS_CURRENT_ROUND: st}), site_ctx, True)
+            assert aggregator.accept(_as_result(Shareable.from_bytes(dxo.to_shareable().to_bytes()), f"site-{i + 1}", 1), ctx)
+        global2 = generator.shareable_to_learnable(aggregator.aggregate(ctx), ctx)
+        result1 = site.decode(from_shareable(generator.learnable_to_shareable(global2, ctx)), site_ctx).data
+        ratio1 = _over_bound(result1, exact1, state1.error_bound(params))
         site.handle_event(EventType.END_RUN, site_ctx)
     up = len(wires[0])
     return {
@@ -335,8 +360,14 @@ def measure_codec(model: str, workers: int = 1, reps: int = 1) -> dict:
         "upload_bytes_per_param": up / n, "download_bytes_per_param": len(task) / n,
         "bytes_per_param": (up + len(task)) / 2 / n,
         "encrypt_mparams_per_s": n / min(enc_t) / 1e6, "decrypt_mparams_per_s": n / min(dec_t) / 1e6,
+        # CPU time of this process: all the work when workers == 1 (robust to other jobs on the machine)
+        "encrypt_mparams_per_cpu_s": n / min(enc_cpu) / 1e6 if workers == 1 else None,
+        "decrypt_mparams_per_cpu_s": n / min(dec_cpu) / 1e6 if workers == 1 else None,
         "server_aggregation_s": min(agg_t), "max_abs_error": max_error(result, exact),
-        "error_over_bound": ratio, "peak_rss_mib": peak_rss_mib(),
+        "max_abs_error_integer_tensors": max_error(result, exact, integer=True),
+        "error_over_bound": ratio,
+        "max_abs_error_round1": max_error(result1, exact1), "error_over_bound_round1": ratio1,
+        "update_std": DELTA_SCALE, "peak_rss_mib": peak_rss_mib(),
     }
 
 

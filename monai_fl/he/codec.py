@@ -130,7 +130,11 @@ class CodecParams:
         init_range_rel: round-0 range is ``max(init_range_rel * max|G_0|, init_range_abs)``,
             rounded up to a power of two.
         init_range_abs: floor of the round-0 range (tensors initialised to zero).
-        range_margin_log2: the next range is ``2**margin`` times the mean observed ratio.
+        range_margin_log2: the next range is ``2**margin`` times the mean observed peak delta.
+        small_tensor_size: tensors with fewer elements get ``small_tensor_margin_log2`` extra
+            margin: the peak of a handful of values (biases, BatchNorm) varies a lot between
+            rounds, and their precision costs no bytes.
+        small_tensor_margin_log2: extra margin of small tensors.
         max_shrink_log2: a range shrinks at most by this many powers of two per round.
         min_range_log2: ranges never go below ``2**min_range_log2``.
         max_contributions: most ciphertexts summed into one aggregate; bounded by the noise
@@ -146,7 +150,9 @@ class CodecParams:
     init_range_rel: float = 0.5
     init_range_abs: float = 2.0**-3
     range_margin_log2: int = 2
-    max_shrink_log2: int = 1
+    small_tensor_size: int = 256
+    small_tensor_margin_log2: int = 2
+    max_shrink_log2: int = 3
     min_range_log2: int = -40
     max_contributions: int = 256
 
@@ -366,14 +372,18 @@ def integer_exponent(params: CodecParams) -> int:
     return params.quant_bits - 1
 
 
-def next_exponent(exponent: int, ratio_sum: int, count: int, params: CodecParams) -> int:
+def next_exponent(exponent: int, ratio_sum: int, count: int, params: CodecParams, size: int | None = None) -> int:
     """Range exponent for the next round from the summed ratios of ``count`` sites.
 
-    The new range is the smallest power of two >= ``2**margin * mean ratio * 2**exponent``,
-    shrinking by at most ``2**max_shrink_log2``. Integer arithmetic only, so every site gets the
-    same answer on any hardware.
+    The new range is the smallest power of two >= ``2**margin * mean ratio * 2**exponent`` (the
+    margin is larger for tensors of fewer than ``small_tensor_size`` elements), shrinking by at
+    most ``2**max_shrink_log2``. Integer arithmetic only, so every site gets the same answer on
+    any hardware.
     """
-    target = ratio_sum << params.range_margin_log2  # margin * sum(m)
+    margin = params.range_margin_log2
+    if size is not None and size < params.small_tensor_size:
+        margin += params.small_tensor_margin_log2
+    target = ratio_sum << margin  # margin * sum(m)
     unit = count * params.ratio_scale  # sum(m) / unit = mean ratio
 
     def covers(d: int) -> bool:  # unit * 2**d >= target, in integers
@@ -670,7 +680,7 @@ def decode_aggregate(
         if spec.is_integer:
             exponents[spec.name] = state.exponents[spec.name]
         else:
-            exponents[spec.name] = next_exponent(state.exponents[spec.name], ratio_sum, header["K"], params)
+            exponents[spec.name] = next_exponent(state.exponents[spec.name], ratio_sum, header["K"], params, spec.size)
     return ReferenceState(state.version + 1, layout, new_weights, exponents)
 
 

@@ -101,13 +101,15 @@ def test_stochastic_rounding_is_unbiased():
 def test_ranges_are_exact_powers_of_two_and_adapt(params):
     assert ceil_log2(0.25) == -2 and ceil_log2(0.26) == -1 and ceil_log2(1.0) == 0
     r = params.ratio_scale
-    assert (params.range_margin_log2, params.max_shrink_log2) == (2, 1)
+    assert (params.range_margin_log2, params.max_shrink_log2, params.small_tensor_margin_log2) == (2, 3, 2)
     # 3 sites whose deltas reach the range (ratio 1.0): mean 1, margin 4 -> range grows 4x.
     assert next_exponent(-5, 3 * r, 3, params) == -3
     # Deltas a quarter of the range: 4 * 0.25 = 1 -> range kept.
     assert next_exponent(-5, 3 * r // 4, 3, params) == -5
-    # Ranges grow fast but shrink at most 2x per round, so a quiet round cannot collapse them.
-    assert next_exponent(-5, 3 * r // 64, 3, params) == -6
+    # Deltas 1/16 of the range -> range / 4; small tensors keep 4x more margin.
+    assert next_exponent(-5, 3 * r // 16, 3, params) == -7
+    assert next_exponent(-5, 3 * r // 16, 3, params, size=16) == -5
+    # Ranges grow fast but shrink at most 8x per round, so a quiet round cannot collapse them.
     assert next_exponent(-5, 0, 3, params) == -5 - params.max_shrink_log2
     assert next_exponent(params.min_range_log2, 0, 1, params) == params.min_range_log2
 

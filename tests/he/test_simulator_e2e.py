@@ -159,7 +159,8 @@ def test_he_fedavg_in_the_simulator(tmp_path, monkeypatch):
         for spec in state.layout.specs:
             e = state.exponents[spec.name]
             deltas = [loc[spec.name].astype(np.float64) - state.weights[spec.name] for loc in locals_]
-            exps[spec.name] = next_exponent(e, sum(range_ratio(d, e, params) for d in deltas), len(SITES), params)
+            exps[spec.name] = next_exponent(e, sum(range_ratio(d, e, params) for d in deltas), len(SITES), params,
+                                            spec.size)
         state = ReferenceState(r + 1, state.layout, nxt[0], exps)
 
     # The server's workspace holds parameter-only contexts and a ciphertext-only global model.
