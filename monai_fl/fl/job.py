@@ -62,7 +62,9 @@ def build_job(
         from monai_fl.he.nvflare_components import attach_he
 
         extra = {"client_context_file": client_context_file} if client_context_file else {}
-        attach_he(job, network=network, persistor_id=PERSISTOR_ID, **extra)
+        # The codec's field headroom bounds the total FedAvg weight per round; sharing it among the
+        # job's sites (not the codec's default of 8) keeps each site's weight uncapped.
+        attach_he(job, network=network, persistor_id=PERSISTOR_ID, max_sites=n_sites, **extra)
     else:
         job.to_server(PTFileModelPersistor(model=network), id=PERSISTOR_ID)
         job.to_server(FullModelShareableGenerator(), id="shareable_generator")
