@@ -477,8 +477,8 @@ def main(argv=None) -> int:
 
     payload["machine"] = machine()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if "simulator" in previous:  # keep what the job benchmarks added
-        payload["simulator"] = previous["simulator"]
+    for key, value in previous.items():  # keep what the job benchmarks added (he_simulator.py)
+        payload.setdefault(key, value)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(json.dumps(payload, indent=1))
