@@ -58,6 +58,9 @@ class FLConfig:
     local_epochs: int = 1
     he: bool = True
     min_clients: int | None = None  # default: all sites
+    # Overrides of monai_fl.he.codec.CodecParams (e.g. {"quant_bits": 13}); empty: the codec's
+    # defaults. Only codec-level fields may differ from the provisioned kits' BFV parameters.
+    he_codec: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -19,6 +19,13 @@ JOB_CONFIG_NAME = "experiment.json"  # JSON: `nvflare job submit` would parse YA
 PERSISTOR_ID = "persistor"
 
 
+def he_params(cfg: ExperimentConfig):
+    """The HE codec parameters of an experiment (the codec's defaults plus ``fl.he_codec``)."""
+    from monai_fl.he.codec import CodecParams
+
+    return CodecParams.from_dict(cfg.fl.he_codec)
+
+
 def build_job(
     cfg: ExperimentConfig,
     name: str | None = None,
@@ -64,7 +71,7 @@ def build_job(
         extra = {"client_context_file": client_context_file} if client_context_file else {}
         # The codec's field headroom bounds the total FedAvg weight per round; sharing it among the
         # job's sites (not the codec's default of 8) keeps each site's weight uncapped.
-        attach_he(job, network=network, persistor_id=PERSISTOR_ID, max_sites=n_sites, **extra)
+        attach_he(job, params=he_params(cfg), network=network, persistor_id=PERSISTOR_ID, max_sites=n_sites, **extra)
     else:
         job.to_server(PTFileModelPersistor(model=network), id=PERSISTOR_ID)
         job.to_server(FullModelShareableGenerator(), id="shareable_generator")

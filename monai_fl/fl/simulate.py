@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from monai_fl.config import ExperimentConfig
 from monai_fl.errors import MonaiFLError
 from monai_fl.fl.client import FINAL_MODEL_FILE, MODELS_DIR
-from monai_fl.fl.job import export_job
+from monai_fl.fl.job import export_job, he_params
 from monai_fl.fl.model import ConfiguredNetwork
 from monai_fl.fl.site_config import MANIFEST_ENV
 from monai_fl.keys import DATA_ENV, POOLED
@@ -66,7 +66,7 @@ def run_simulation(
 
         # The sites' secret context lives outside the simulator workspace, so the server's folder
         # holds only the public parameters, as a provisioned server kit does.
-        client_context = write_simulator_contexts(ws, client_key_dir=out_dir / "site_keys").client_context_arg
+        client_context = write_simulator_contexts(ws, he_params(cfg), client_key_dir=out_dir / "site_keys").client_context_arg
     job_dir = export_job(cfg, out_dir / "jobs", he=he, client_context_file=client_context)
     n_sites = cfg.partition.n_sites
     threads = threads or n_sites
