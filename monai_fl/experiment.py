@@ -17,7 +17,7 @@ from torch import nn
 
 from monai_fl.config import ExperimentConfig
 from monai_fl.data.medmnist import MedMNIST, dataset_info, load_medmnist
-from monai_fl.data.partition import build_manifest, read_manifest, site_entry, write_manifest
+from monai_fl.data.partition import build_manifest, load_or_create_manifest, site_entry
 from monai_fl.errors import ManifestError, MonaiFLError
 from monai_fl.tasks import classification as cls_task
 
@@ -154,15 +154,11 @@ def prepare(
     data = load_medmnist(cfg.dataset.name, cfg.dataset.size, data_root, download=download)
     pool_x, pool_y = data.pool()
     path = Path(manifest_path) if manifest_path else None
-    if path is not None and path.exists():
-        manifest = read_manifest(path, dataset_md5=data.md5, n_pool=len(pool_y))
+
+    def check(manifest: dict) -> None:
         if manifest["dataset"] != data.name or manifest["size"] != data.size:
             raise ManifestError(f"site manifest {path} is for {manifest['dataset']} at {manifest['size']} px, "
                                 f"the config asks for {data.name} at {data.size} px")
-    elif create:
-        manifest = make_manifest(cfg, data)
-        if path is not None:
-            write_manifest(manifest, path)
-    else:
-        raise ManifestError(f"site manifest {path} does not exist; create it with `monai-fl partition`")
+
+    manifest = load_or_create_manifest(path, create, lambda: make_manifest(cfg, data), data.md5, len(pool_y), check)
     return Experiment(cfg, data, manifest, path, pool_x, pool_y)

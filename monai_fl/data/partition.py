@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -248,3 +249,31 @@ def site_entry(manifest: dict, site: str) -> dict:
     if entry is None:
         raise ManifestError(f"site '{site}' is not in the site manifest (sites: {', '.join(manifest['sites'])})")
     return entry
+
+
+def load_or_create_manifest(
+    path: str | os.PathLike | None,
+    create: bool,
+    build: Callable[[], dict],
+    dataset_md5: str,
+    n_pool: int,
+    check: Callable[[dict], None] | None = None,
+) -> dict:
+    """Reuse the manifest at ``path`` (validated against the data, then ``check``), or build and
+    write a new one when ``create`` allows it. Every task's experiment goes through here.
+
+    Raises:
+        ManifestError: the manifest is absent and may not be created, or does not fit the data.
+    """
+    path = Path(path) if path is not None else None
+    if path is not None and path.exists():
+        manifest = read_manifest(path, dataset_md5=dataset_md5, n_pool=n_pool)
+        if check is not None:
+            check(manifest)
+        return manifest
+    if not create:
+        raise ManifestError(f"site manifest {path} does not exist; create it with `monai-fl partition`")
+    manifest = build()
+    if path is not None:
+        write_manifest(manifest, path)
+    return manifest

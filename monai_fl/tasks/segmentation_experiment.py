@@ -16,8 +16,8 @@ from torch import nn
 
 from monai_fl.config import ExperimentConfig
 from monai_fl.data.msd import MSDDatalist, build_msd_manifest, check_msd_manifest, load_msd, msd_task
-from monai_fl.data.partition import read_manifest, site_entry, write_manifest
-from monai_fl.errors import DataFormatError, ManifestError, MonaiFLError
+from monai_fl.data.partition import load_or_create_manifest, site_entry
+from monai_fl.errors import DataFormatError, MonaiFLError
 from monai_fl.tasks import segmentation as seg
 
 
@@ -112,15 +112,9 @@ def prepare_segmentation(
     reuse = path is not None and path.exists()
     data = load_msd(cfg.dataset.name, data_root, validate=not reuse)
     p = cfg.partition
-    if reuse:
-        manifest = read_manifest(path, dataset_md5=data.md5, n_pool=len(data.cases))
-        check_msd_manifest(manifest, data, path, p.n_sites, p.scheme, cfg.segmentation.test_fraction)
-    elif create:
-        manifest = make_seg_manifest(cfg, data)
-        if path is not None:
-            write_manifest(manifest, path)
-    else:
-        raise ManifestError(f"site manifest {path} does not exist; create it with `monai-fl partition`")
+    manifest = load_or_create_manifest(
+        path, create, lambda: make_seg_manifest(cfg, data), data.md5, len(data.cases),
+        lambda m: check_msd_manifest(m, data, path, p.n_sites, p.scheme, cfg.segmentation.test_fraction))
     spec = seg.SegSpec.from_config(cfg.segmentation, data.n_channels, data.labels)
     _check_matches_config(spec, cfg, data)
     return SegmentationExperiment(cfg, data, manifest, path, spec)
