@@ -68,7 +68,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_he_simulator"))
     args = ap.parse_args()
     results = {f"{k}_3site": measure(k, args.rounds, args.data_root, args.out) for k in args.models.split(",")}
-    emit("he_simulator", results)
+    previous = RESULTS / "he_simulator.json"
+    kept = json.loads(previous.read_text()) if previous.is_file() else {}
+    kept.pop("machine", None)
+    emit("he_simulator", {**kept, **results})  # a run of some models keeps the others' figures
     overhead = RESULTS / "he_overhead.json"
     merged = json.loads(overhead.read_text()) if overhead.is_file() else {}
     merged.update(results)

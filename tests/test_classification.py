@@ -91,3 +91,12 @@ def test_short_real_training_lowers_the_loss(medmnist_dir):
     after = exp.evaluate(model, make_loader(x[:512], y[:512], "eval", exp.spec, 256))
     assert after["loss"] < 0.8 * before
     assert after["auc"] > 0.8
+
+
+def test_a_last_training_batch_of_one_image_is_dropped():
+    x = np.zeros((65, 1, 28, 28), dtype=np.uint8)
+    sizes = [len(y) for _, y in make_loader(x, np.zeros(65, int), "train", SPEC_2D, 64)]
+    assert sizes == [64]
+    sizes = [len(y) for _, y in make_loader(x[:10], np.zeros(10, int), "train", SPEC_2D, 64)]
+    assert sizes == [10], "a site smaller than one batch still trains"
+    assert [len(y) for _, y in make_loader(x, np.zeros(65, int), "eval", SPEC_2D, 64)] == [64, 1]

@@ -187,7 +187,11 @@ def make_loader(
         ds = TensorDataset(cached, targets)
     generator = torch.Generator().manual_seed(seed)
     # num_workers=0: worker processes were reported to segfault in FL examples and gain nothing on 2 cores.
-    return DataLoader(ds, batch_size=batch_size, shuffle=stage == "train", num_workers=0, generator=generator)
+    # A last training batch of one image breaks BatchNorm (one value per channel); drop only that case,
+    # so a site smaller than a batch still trains.
+    drop_last = stage == "train" and len(ds) % batch_size == 1
+    return DataLoader(ds, batch_size=batch_size, shuffle=stage == "train", num_workers=0, generator=generator,
+                      drop_last=drop_last)
 
 
 def build_loss() -> nn.Module:
