@@ -94,10 +94,21 @@ def only_public_types(obj) -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def numpy_decomposers():
-    """FOBS needs numpy decomposers to serialize plaintext tensors, as the NVFlare runtime registers."""
-    from nvflare.app_common.decomposers import common_decomposers
+    """FOBS needs numpy decomposers to serialize plaintext tensors, as the NVFlare runtime registers.
 
+    FOBS keeps its registry in module globals. The numpy decomposers left registered in this
+    process break a later FLARE API admin login here (the challenge reply's certificate decodes
+    to None), so the registry is restored afterwards.
+    """
+    from nvflare.app_common.decomposers import common_decomposers
+    from nvflare.fuel.utils.fobs import fobs
+
+    saved = {name: getattr(fobs, name).copy() for name in ("_decomposers", "_dot_handlers", "_type_name_whitelist")}
     common_decomposers.register()
+    yield
+    for name, value in saved.items():
+        setattr(fobs, name, value)
+    common_decomposers.register.registered = False
 
 
 @pytest.fixture()
