@@ -52,6 +52,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
 
 
+SITE_OPTIMIZER_MODES = ("reset", "keep")
+
+
 @dataclass
 class FLConfig:
     rounds: int = 10
@@ -61,6 +64,15 @@ class FLConfig:
     # Overrides of monai_fl.he.codec.CodecParams (e.g. {"quant_bits": 13}); empty: the codec's
     # defaults. Only codec-level fields may differ from the provisioned kits' BFV parameters.
     he_codec: dict = field(default_factory=dict)
+    # "reset": a fresh optimiser each round; "keep": each site keeps its optimiser state (Adam
+    # moments) across rounds, in its own memory. With few local steps per round a reset restarts
+    # Adam's bias correction every round.
+    site_optimizer: str = "reset"
+
+    def __post_init__(self):
+        if self.site_optimizer not in SITE_OPTIMIZER_MODES:
+            raise MonaiFLError(f"fl.site_optimizer must be one of {', '.join(SITE_OPTIMIZER_MODES)}, "
+                               f"got {self.site_optimizer!r}")
 
 
 @dataclass

@@ -57,7 +57,18 @@ class Site:
         self.train_loader = self.exp.train_loader(site)
         self.test_loader = self.exp.test_loader(site)
         self.loss = self.exp.loss()
+        self._optimizer: torch.optim.Optimizer | None = None
         log.info("%s: data from %s", site, paths.source)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """This round's optimiser: fresh, or the site's own from the last round (``fl.site_optimizer``).
+
+        A kept optimiser stays valid because ``load`` copies the global weights into the same
+        parameter tensors; its state never leaves the site.
+        """
+        if self.cfg.fl.site_optimizer == "reset" or self._optimizer is None:
+            self._optimizer = build_optimizer(self.model, self.cfg.train)
+        return self._optimizer
 
     def load(self, params: dict) -> None:
         self.model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
@@ -70,8 +81,7 @@ class Site:
 
     def train(self, current_round: int) -> tuple[dict, dict]:
         fl = self.cfg.fl
-        # A fresh optimiser per round: the global model replaced the weights its state was built on.
-        optimizer = build_optimizer(self.model, self.cfg.train)
+        optimizer = self.optimizer()
         total = fl.rounds * fl.local_epochs
         history = train_epochs(self.model, self.train_loader, optimizer, self.loss, self.cfg.train,
                                current_round * fl.local_epochs, fl.local_epochs, total,

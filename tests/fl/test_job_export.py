@@ -63,3 +63,26 @@ def test_the_demo_jobs_are_committed():
     names = {p.name for p in _committed_jobs()}
     cfg = ExperimentConfig.load(DEMO)
     assert f"{cfg.name}_plain" in names and f"{cfg.name}_he" in names
+
+
+def _config_named(name: str) -> ExperimentConfig | None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = ExperimentConfig.load(path)
+        if cfg.name == name:
+            return cfg
+    return None
+
+
+@pytest.mark.parametrize("job", _committed_jobs(), ids=lambda p: p.name)
+def test_committed_jobs_carry_the_current_config(job):
+    """A job exported before its config changed would still equal its own fresh export."""
+    shipped = ExperimentConfig.load(job / "app" / "custom" / JOB_CONFIG_NAME)
+    assert _config_named(shipped.name) == shipped, (
+        f"{job.name} is stale: run `monai-fl export-jobs --config configs/<{shipped.name}>.yaml`")
+
+
+def test_every_config_has_its_jobs():
+    names = {p.name for p in _committed_jobs()}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        name = ExperimentConfig.load(path).name
+        assert {f"{name}_plain", f"{name}_he"} <= names, f"jobs for {path.name} are not in jobs/"
