@@ -18,12 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, emit  # noqa: E402
+from he_overhead import SEG_CONFIG, isolated, measure_codec  # noqa: E402
 
 from monai_fl.config import ExperimentConfig  # noqa: E402
 from monai_fl.run import run_experiment  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def summary(entry: dict, wall: float) -> dict:
     pooled = entry["pooled"]
@@ -37,7 +35,7 @@ def summary(entry: dict, wall: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path)
-    ap.add_argument("--config", type=Path, default=REPO / "configs" / "hippocampus_seg.yaml")
+    ap.add_argument("--config", type=Path, default=SEG_CONFIG)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_fl_hippocampus"))
     args = ap.parse_args()
     cfg = ExperimentConfig.load(args.config)
@@ -50,7 +48,15 @@ def main() -> None:
     cent = merged.get("centralized", {}).get("mean_dice")
     if cent is not None:
         merged["fl_he_minus_centralized_mean_dice"] = fl["fl_he"]["mean_dice"] - cent
+    if args.config.resolve() == SEG_CONFIG.resolve():
+        # The network's codec cost, measured as benchmarks/he_overhead.py measures its models.
+        codec = isolated(measure_codec, "hippocampus_unet", 1, 1, cfg.fl.he_codec)
+        merged["he_codec"] = {k: codec[k] for k in (
+            "num_params", "bytes_per_param", "upload_bytes_per_param", "download_bytes_per_param",
+            "encrypt_mparams_per_s", "decrypt_mparams_per_s", "server_aggregation_s", "error_over_bound")}
+        merged["he_codec"]["params"] = cfg.fl.he_codec
     merged.setdefault("fl_setup", {}).update(rounds=cfg.fl.rounds, local_epochs=cfg.fl.local_epochs,
+                                             site_optimizer=cfg.fl.site_optimizer, threads_per_site=cfg.train.threads,
                                              network=f"{cfg.network.name} width {cfg.network.width}",
                                              report=str(args.out / "report.html"))
     merged.pop("machine", None)

@@ -48,6 +48,9 @@ RESULTS_FILE = Path(__file__).resolve().parent / "results" / "he_overhead.json"
 SITE_STEPS = (10, 20, 30)  # NUM_STEPS_CURRENT_ROUND of the three sites = their FedAvg weights
 DELTA_SCALE = 1e-3  # std of the simulated local-training change of every float parameter
 MODELS = ("small_cnn", "densenet121")
+# Measured on request (--models, or benchmarks/fl_hippocampus.py): the segmentation config's network.
+EXTRA_MODELS = ("hippocampus_unet",)
+SEG_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "hippocampus_seg.yaml"
 TARGETS = {"bytes_per_param_max": 8.0, "encrypt_mparams_per_s_min": 10.0}
 STOCK_CKKS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}
 
@@ -63,6 +66,11 @@ def model_weights(name: str) -> dict[str, np.ndarray]:
         net = Classifier(in_shape=(1, 28, 28), classes=2, channels=(16, 32, 64), strides=(2, 2, 2))
     elif name == "densenet121":
         net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+    elif name == "hippocampus_unet":
+        from monai_fl.config import ExperimentConfig
+        from monai_fl.experiment import model_for_config
+
+        net = model_for_config(ExperimentConfig.load(SEG_CONFIG))
     else:
         raise ValueError(f"unknown model {name}")
     return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
@@ -276,8 +284,10 @@ def measure_stock(model: str, threads: int = 1) -> dict:
     }
 
 
-def measure_codec(model: str, workers: int = 1, reps: int = 1) -> dict:
-    """This project's components: HESiteCodec -> FOBS bytes -> HEAggregator -> HESiteCodec."""
+def measure_codec(model: str, workers: int = 1, reps: int = 1, codec: dict | None = None) -> dict:
+    """This project's components: HESiteCodec -> FOBS bytes -> HEAggregator -> HESiteCodec.
+
+    ``codec``: overrides of the codec's defaults, as a config's ``fl.he_codec``."""
     import tempfile
 
     from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -296,7 +306,7 @@ def measure_codec(model: str, workers: int = 1, reps: int = 1) -> dict:
     )
 
     _register_decomposers()
-    params = CodecParams()
+    params = CodecParams.from_dict(codec or {})
     g0 = model_weights(model)
     updates = site_updates(g0)
     exact = exact_fedavg(updates)
@@ -464,7 +474,7 @@ def merge_section(name: str, section: dict, path: Path = RESULTS_FILE) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small CNN only, one repetition")
-    ap.add_argument("--models", nargs="+", choices=MODELS, default=None)
+    ap.add_argument("--models", nargs="+", choices=MODELS + EXTRA_MODELS, default=None)
     ap.add_argument("--out", type=Path, default=None, help="default: results/he_overhead.json "
                     "(--quick: results/he_overhead_quick.json, so a smoke run never replaces the full results)")
     args = ap.parse_args(argv)

@@ -2,7 +2,7 @@
 per class on the held-out test set, and 3D training throughput of the task's train step vs a bare
 PyTorch loop.
 
-    nice .venv/bin/python benchmarks/segmentation.py [--data-root DIR] [--epochs 20] [--threads 1]
+    nice .venv/bin/python benchmarks/segmentation.py [--data-root DIR] [--epochs N] [--threads 1]
 
 The experiment is ``configs/hippocampus_seg.yaml`` (3D UNet, 3 sites iid, 20 % held out) with the
 epoch budget and thread count given here; the centralized and local runs go through the same
@@ -127,7 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--data-root", type=Path, help="folder with dataset.json (default: $MONAI_FL_DATA/msd/Task04_Hippocampus)")
-    ap.add_argument("--epochs", type=int, default=20, help="epoch budget of every model (centralized and each local site)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="epoch budget of every model (centralized and each local site); default: the config's")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 on a shared 2-core machine, where a second thread measured slower")
     ap.add_argument("--batches", type=int, default=6, help="batches per throughput run")
@@ -140,7 +141,7 @@ def main() -> None:
     # MONAI's image-reader registry warns about an optional DICOM codec on every load; NIfTI only here.
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     cfg = ExperimentConfig.load(args.config)
-    cfg.train.epochs, cfg.train.threads = args.epochs, args.threads
+    cfg.train.epochs, cfg.train.threads = args.epochs or cfg.train.epochs, args.threads
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     exp = prepare(cfg, args.data_root, args.out / "manifest.json")
