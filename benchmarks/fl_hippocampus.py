@@ -23,6 +23,7 @@ from he_overhead import SEG_CONFIG, isolated, measure_codec  # noqa: E402
 from monai_fl.config import ExperimentConfig  # noqa: E402
 from monai_fl.run import run_experiment  # noqa: E402
 
+
 def summary(entry: dict, wall: float) -> dict:
     pooled = entry["pooled"]
     later = entry["round_time_s"][1:] or entry["round_time_s"]

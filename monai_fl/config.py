@@ -64,9 +64,8 @@ class FLConfig:
     # Overrides of monai_fl.he.codec.CodecParams (e.g. {"quant_bits": 13}); empty: the codec's
     # defaults. Only codec-level fields may differ from the provisioned kits' BFV parameters.
     he_codec: dict = field(default_factory=dict)
-    # "reset": a fresh optimiser each round; "keep": each site keeps its optimiser state (Adam
-    # moments) across rounds, in its own memory. With few local steps per round a reset restarts
-    # Adam's bias correction every round.
+    # "reset": a fresh optimiser each round; "keep": each site keeps its optimiser state (AdamW
+    # moments) across rounds, in its own memory. On Hippocampus "keep" did not help (RESULTS.md).
     site_optimizer: str = "reset"
 
     def __post_init__(self):

@@ -8,7 +8,6 @@ from monai_fl.config import ExperimentConfig
 from monai_fl.fl.job import JOB_CONFIG_NAME, SITE_SCRIPT, export_job
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "pneumoniamnist_he.yaml"
 
 
 def _tiny() -> ExperimentConfig:
@@ -57,12 +56,6 @@ def test_committed_job_folders_equal_a_fresh_export(job, tmp_path):
             same(a / d, b / d)
 
     same(job, fresh)
-
-
-def test_the_demo_jobs_are_committed():
-    names = {p.name for p in _committed_jobs()}
-    cfg = ExperimentConfig.load(DEMO)
-    assert f"{cfg.name}_plain" in names and f"{cfg.name}_he" in names
 
 
 def _config_named(name: str) -> ExperimentConfig | None:
