@@ -12,7 +12,7 @@ Each row is ``(tag, keyword, action)`` with the action of the *Basic Profile* co
   attribute (3 / 2 / 1) requires the next. :func:`resolve_action` says how we choose without
   the IOD tables.
 
-Source: DICOM PS3.15 2026c, Table E.1-1 (651 attributes plus the repeating groups of curves and
+Source: DICOM PS3.15 2026c, Table E.1-1 (652 attributes plus the repeating groups of curves and
 overlays), transcribed from the machine-readable list in ``dicom-anonymizer`` 2.1.0
 (``dicomfields_2026c.py``) and spot-checked against the standard's text. Keywords are pydicom's
 data-dictionary keywords; 25 attributes newer than pydicom 3.0's dictionary carry the keyword
@@ -413,6 +413,7 @@ BASIC_PROFILE: Final[tuple[tuple[int, str, str], ...]] = (
     (0x00404008, "ScheduledProcedureStepExpirationDateTime", "X"),
     (0x00404010, "ScheduledProcedureStepModificationDateTime", "X"),
     (0x00404011, "ExpectedCompletionDateTime", "X"),
+    (0x00404023, "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID", "U"),
     (0x00404025, "ScheduledStationNameCodeSequence", "X"),
     (0x00404027, "ScheduledStationGeographicLocationCodeSequence", "X"),
     (0x00404028, "PerformedStationNameCodeSequence", "X"),

@@ -23,6 +23,7 @@ import datetime as dt
 import os
 import random
 import secrets
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,13 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, generate_uid
 from tqdm import tqdm
 
 from preprocessing import artefacts
 from preprocessing.deid import annex_e
-from preprocessing.dicom.discover import iter_files
+from preprocessing.dicom.discover import DICOMDIR_REASON, NoteKind, iter_files, read_header
 from preprocessing.errors import DataNotFoundError, DeidentificationError, PrepConfigError
 
 TOOL_NAME = "monai-fl prep deid"
@@ -82,6 +82,10 @@ _DUMMY_BY_VR: Mapping[str, Any] = MappingProxyType({
     "FD": 0.0,
     "AT": 0,
 })
+
+#: Modalities whose pixels often show names or dates (screen captures, ultrasound, fluoroscopy,
+#: photographs); without an explicit BurnedInAnnotation=NO they are refused by default.
+BURNED_IN_PRONE = frozenset({"US", "SC", "XA", "RF", "ES", "XC", "OT", "GM", "SM", "DOC"})
 
 #: Direct identifiers a site may never ask to keep.
 NEVER_KEEP = frozenset(
@@ -147,8 +151,9 @@ class DeidOptions:
         keep: keywords of profile attributes the site has reviewed and keeps (e.g.
             SeriesDescription); direct identifiers in :data:`NEVER_KEEP` are refused.
         pseudonym_prefix: pseudonyms are ``<prefix><0001>``.
-        allow_burned_in: de-identify images flagged BurnedInAnnotation=YES (pixels are not
-            cleaned!); by default such files are refused.
+        allow_burned_in: de-identify images flagged BurnedInAnnotation=YES, or of a modality in
+            :data:`BURNED_IN_PRONE` without BurnedInAnnotation=NO (pixels are not cleaned!); by
+            default such files are refused.
     """
 
     shift_dates: bool = False
@@ -187,18 +192,24 @@ class ReidMap:
         patients: pseudonym -> {"PatientID", "PatientName", "date_shift_days"}.
         uids: original UID -> new UID.
         files: [{"source": original path, "output": de-identified path}].
+        studies: original StudyInstanceUID -> output folder ``<pseudonym>/study-<n>``, so a
+            later batch of the same study lands beside the first and never on another study.
+        skipped: [{"source", "reason"}] of the latest run.
     """
 
     patients: dict[str, dict[str, Any]] = field(default_factory=dict)
     uids: dict[str, str] = field(default_factory=dict)
     files: list[dict[str, str]] = field(default_factory=list)
+    studies: dict[str, str] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> ReidMap:
-        """Load an existing map so a later run keeps the same pseudonyms and UIDs."""
+        """Load an existing map so a later run keeps the same pseudonyms, UIDs and folders."""
         data = artefacts.read_json(path, "re-identification map")
-        return cls(data.get("patients", {}), data.get("uids", {}), data.get("files", []), [])
+        return cls(
+            data.get("patients", {}), data.get("uids", {}), data.get("files", []), data.get("studies", {}), []
+        )
 
     def save(self, path: Path, options: DeidOptions) -> None:
         """Write the map with owner-only permissions."""
@@ -212,6 +223,7 @@ class ReidMap:
                 "patients": self.patients,
                 "uids": self.uids,
                 "files": self.files,
+                "studies": self.studies,
                 "skipped": self.skipped,
             },
             mode=0o600,
@@ -426,14 +438,22 @@ class Deidentifier:
             The patient's pseudonym.
 
         Raises:
-            DeidentificationError: the image declares burned-in annotation and that is not
-                allowed by the options.
+            DeidentificationError: the image declares burned-in annotation, or is of a
+                modality prone to it without declaring none, and the options do not allow it.
         """
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not self.options.allow_burned_in:
-            raise DeidentificationError(
-                "BurnedInAnnotation=YES: pixel data may show identifying text; refused "
-                "(clean the pixels first, or pass --allow-burned-in after review)"
-            )
+        if not self.options.allow_burned_in:
+            burned = str(ds.get("BurnedInAnnotation", "")).strip().upper()
+            modality = str(ds.get("Modality", "")).strip().upper()
+            if burned == "YES":
+                raise DeidentificationError(
+                    "BurnedInAnnotation=YES: pixel data may show identifying text; refused "
+                    "(clean the pixels first, or pass --allow-burned-in after review)"
+                )
+            if burned != "NO" and modality in BURNED_IN_PRONE:
+                raise DeidentificationError(
+                    f"modality {modality} often carries burned-in text and BurnedInAnnotation is not "
+                    "set to NO; refused (review or clean the pixels, then pass --allow-burned-in)"
+                )
         pseudo = self.pseudonym(str(ds.get("PatientID", "")), str(ds.get("PatientName", "")))
         shift = self.reid.patients[pseudo]["date_shift_days"] if self.options.shift_dates else None
         self._clean(ds, {"pseudo": pseudo, "shift": shift})
@@ -472,19 +492,30 @@ class Deidentifier:
         ds.preamble = b"\x00" * 128
 
 
-def _read_any(path: Path) -> tuple[Dataset | None, str | None]:
+def _read_instance(path: Path) -> tuple[Dataset | None, str | None, bool]:
+    """Read one file for de-identification.
+
+    Returns:
+        (dataset, None, _) for a composite instance; (None, reason, ignorable) otherwise, where
+        ``ignorable`` marks a file that is plainly not DICOM (README, checksums) rather than a
+        broken or unsupported DICOM file that must be reported by name.
+    """
+    _, note = read_header(path)
+    # Non-image instances (SR, RTSTRUCT, ...) carry PHI too and are de-identified; a DICOMDIR
+    # lists original paths and identifiers and is not an instance, so it is left behind.
+    if note is not None and (note.kind != NoteKind.NON_IMAGE or note.reason == DICOMDIR_REASON):
+        # truncated pixel data included: half an image is never passed on
+        return None, note.reason, note.kind == NoteKind.IGNORED
     try:
-        return pydicom.dcmread(path), None
-    except InvalidDicomError:
-        try:
-            ds = pydicom.dcmread(path, force=True)
-            if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
-                return ds, None
-        except Exception:  # noqa: BLE001 - a forced read of a non-DICOM file fails any way
-            pass
-        return None, "not a DICOM file"
+        ds = pydicom.dcmread(path, force=True)  # full read: read_header defers large values
     except Exception as exc:  # noqa: BLE001 - pydicom raises OSError/EOFError/struct.error...
-        return None, f"unreadable DICOM ({exc})"
+        return None, f"unreadable DICOM ({exc})", False
+    if not ds.is_little_endian:
+        return None, (
+            "Explicit VR Big Endian (a retired transfer syntax) is not supported; convert it "
+            "first, e.g. `dcmconv +te in.dcm out.dcm`"
+        ), False
+    return ds, None, False
 
 
 def _identifiers(ds: Dataset) -> list[bytes]:
@@ -496,6 +527,57 @@ def _identifiers(ds: Dataset) -> list[bytes]:
             if len(part.strip()) >= 4:
                 found.append(part.strip().encode("utf-8", "ignore"))
     return found
+
+
+def _study_folder(reid: ReidMap, out: Path, pseudo: str, study_uid: str) -> str:
+    """``<pseudonym>/study-<n>`` of a study: from the map, else the next number not yet used."""
+    if study_uid in reid.studies:
+        return reid.studies[study_uid]
+    used = set(reid.studies.values())
+    n = 1
+    while f"{pseudo}/study-{n}" in used or (out / pseudo / f"study-{n}").exists():
+        n += 1
+    reid.studies[study_uid] = f"{pseudo}/study-{n}"
+    return reid.studies[study_uid]
+
+
+def _write_one(deid: Deidentifier, ds: Dataset, out: Path) -> str:
+    """De-identify one dataset and write it under ``out``; returns its relative path.
+
+    Raises:
+        DeidentificationError: refused by the profile, or an identifier survived (the guard).
+    """
+    leaks = _identifiers(ds)
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    pseudo = deid.dataset(ds)
+    number = ds.get("SeriesNumber")
+    series_dir = (
+        out
+        / _study_folder(deid.reid, out, pseudo, study_uid)
+        / f"series-{artefacts.slug(str(number) if number not in (None, '') else 'x')}-"
+        f"{artefacts.slug(str(ds.get('Modality', '')), 'OT')}"
+    )
+    series_dir.mkdir(parents=True, exist_ok=True)
+    index = sum(1 for _ in series_dir.glob("IM*.dcm")) + 1
+    while (series_dir / f"IM{index:05d}.dcm").exists():
+        index += 1
+    dst = series_dir / f"IM{index:05d}.dcm"
+    part = dst.with_name(dst.name + ".part")  # an interrupted write never looks like a result
+    try:
+        ds.save_as(part, enforce_file_format=True)
+        blob = part.read_bytes()
+        leaked = [
+            s.decode("utf-8", "ignore")
+            for s in leaks
+            if s in blob and s.decode("utf-8", "ignore") not in (pseudo, _TEXT_DUMMY, "ANON")
+        ]
+        if leaked:
+            # a guard, not the method: the profile should already have removed these
+            raise DeidentificationError(f"identifier still present after de-identification: {leaked[0]!r}")
+        os.replace(part, dst)
+    finally:
+        part.unlink(missing_ok=True)
+    return str(dst.relative_to(out))
 
 
 def deidentify_tree(
@@ -527,8 +609,8 @@ def deidentify_tree(
         The summary (counts, skipped files with reasons, output files).
 
     Raises:
-        DeidentificationError: the map would be written into the shared output, or the output
-            overlaps the input.
+        DeidentificationError: the map would be written into the shared output, the output
+            overlaps the input, or the output holds patients of another map.
         DataNotFoundError: the input folder does not exist.
     """
     src, out, map_path = Path(input_dir), Path(output_dir), Path(reid_map_path)
@@ -544,57 +626,49 @@ def deidentify_tree(
             f"(it holds patient identifiers and stays at the site)"
         )
     reid = ReidMap.load(map_path) if map_path.exists() else ReidMap()
-    deid = Deidentifier(options, reid)
-    studies: dict[tuple[str, str], int] = {}
-    counters: dict[Path, int] = {}
-    written, skipped, ignored = [], [], 0
-    paths = list(files) if files is not None else iter_files(src)
-    for path in tqdm(paths, desc="de-identify", unit="file", disable=not progress):
-        ds, problem = _read_any(path)
-        if ds is None:
-            if problem == "not a DICOM file" and path.suffix.lower() not in (".dcm", ".dicom", ".ima"):
-                ignored += 1
-                continue
-            skipped.append({"source": str(path), "reason": problem})
-            continue
-        leaks = _identifiers(ds)
-        try:
-            pseudo = deid.dataset(ds)
-        except DeidentificationError as exc:
-            skipped.append({"source": str(path), "reason": str(exc)})
-            continue
-        study_key = (pseudo, str(ds.get("StudyInstanceUID", "")))
-        studies.setdefault(study_key, sum(1 for k in studies if k[0] == pseudo) + 1)
-        number = ds.get("SeriesNumber")
-        series_dir = (
-            out
-            / pseudo
-            / f"study-{studies[study_key]}"
-            / f"series-{artefacts.slug(str(number) if number not in (None, '') else 'x')}-"
-            f"{artefacts.slug(str(ds.get('Modality', '')), 'OT')}"
+    foreign = sorted(
+        p.name for p in (out.iterdir() if out.is_dir() else []) if p.is_dir() and p.name not in reid.patients
+    )
+    if foreign:
+        # pseudonyms are numbered per map: another map's P0001 is another patient
+        raise DeidentificationError(
+            f"output {out} already holds de-identified patients ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}) that the re-identification map {map_path} does not "
+            "know; pass the map of that earlier run, or choose an empty output folder"
         )
-        series_dir.mkdir(parents=True, exist_ok=True)
-        counters[series_dir] = counters.get(series_dir, 0) + 1
-        dst = series_dir / f"IM{counters[series_dir]:05d}.dcm"
-        ds.save_as(dst, enforce_file_format=True)
-        blob = dst.read_bytes()
-        leaked = [
-            s.decode("utf-8", "ignore")
-            for s in leaks
-            if s in blob and s.decode("utf-8", "ignore") not in (pseudo, _TEXT_DUMMY, "ANON")
-        ]
-        if leaked:
-            # a guard, not the method: the profile should already have removed these
-            dst.unlink()
-            skipped.append(
-                {"source": str(path), "reason": f"identifier still present after de-identification: {leaked[0]!r}"}
-            )
-            continue
-        rel = str(dst.relative_to(out))
-        reid.files.append({"source": str(path.resolve()), "output": rel})
-        written.append(rel)
-    reid.skipped.extend(skipped)
-    reid.save(map_path, options)
+    deid = Deidentifier(options, reid)
+    done = {f["source"]: f["output"] for f in reid.files}
+    written, skipped, ignored, already = [], [], 0, 0
+    paths = list(files) if files is not None else iter_files(src)
+    if not paths:
+        print(f"warning: no files under {src}", file=sys.stderr)
+    try:
+        for path in tqdm(paths, desc="de-identify", unit="file", disable=not progress):
+            previous = done.get(str(path.resolve()))
+            if previous is not None and (out / previous).is_file():
+                already += 1  # a re-run resumes: never a second copy, never an overwrite
+                continue
+            ds, problem, ignorable = _read_instance(path)
+            if ds is None:
+                if ignorable:
+                    ignored += 1
+                else:
+                    skipped.append({"source": str(path), "reason": problem})
+                continue
+            try:
+                rel = _write_one(deid, ds, out)
+            except DeidentificationError as exc:
+                skipped.append({"source": str(path), "reason": str(exc)})
+                continue
+            except Exception as exc:  # noqa: BLE001 - one odd file must not stop the site's run
+                skipped.append({"source": str(path), "reason": f"could not be de-identified ({type(exc).__name__}: {exc})"})
+                continue
+            reid.files.append({"source": str(path.resolve()), "output": rel})
+            written.append(rel)
+    finally:
+        # even on Ctrl-C or a crash: the files already written stay re-identifiable
+        reid.skipped = skipped
+        reid.save(map_path, options)
     summary = {
         "stage": "deid",
         "schema": artefacts.SCHEMA_VERSION,
@@ -609,6 +683,7 @@ def deidentify_tree(
             "written": len(written),
             "skipped": len(skipped),
             "ignored_not_dicom": ignored,
+            "already_done": already,
             "patients": len({w.split("/")[0] for w in written}),
             **dict(sorted(deid.counts.items())),
         },
@@ -622,14 +697,15 @@ def deidentify_tree(
 def format_summary(summary: dict[str, Any]) -> str:
     """Readable summary of a de-identification run (printed by the CLI)."""
     c = summary["counts"]
+    run = ("files", "written", "skipped", "ignored_not_dicom", "already_done", "patients")
+    actions = ", ".join(f"{k} {v}" for k, v in c.items() if k not in run)
     lines = [
         f"de-identified {c['written']} of {c['files']} files for {c['patients']} patient(s); "
-        f"{c['skipped']} skipped, {c['ignored_not_dicom']} ignored (not DICOM)",
-        "  actions: "
-        + ", ".join(
-            f"{k} {v}" for k, v in c.items() if k not in ("files", "written", "skipped", "ignored_not_dicom", "patients")
-        ),
+        f"{c['skipped']} skipped, {c['ignored_not_dicom']} ignored (not DICOM)"
+        + (f", {c['already_done']} already de-identified by an earlier run" if c.get("already_done") else "")
     ]
+    if actions:
+        lines.append(f"  actions: {actions}")
     lines += [f"  skipped {s['source']}: {s['reason']}" for s in summary.get("skipped", [])]
     return "\n".join(lines)
 

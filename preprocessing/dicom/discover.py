@@ -24,6 +24,7 @@ from preprocessing.errors import DataNotFoundError
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DEFER_SIZE = 1024  # bytes: header values larger than this (pixels, CSA blobs) stay on disk
+DICOMDIR_REASON = "DICOMDIR (media directory), not an instance"
 
 
 class NoteKind:
@@ -198,7 +199,7 @@ def read_header(path: Path) -> tuple[pydicom.Dataset | None, Note | None]:
     if getattr(ds, "file_meta", None) is not None and ds.file_meta.get(
         "MediaStorageSOPClassUID"
     ) == "1.2.840.10008.1.3.10":
-        return None, Note(str(path), NoteKind.NON_IMAGE, "DICOMDIR (media directory), not an instance")
+        return None, Note(str(path), NoteKind.NON_IMAGE, DICOMDIR_REASON)
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if k not in ds]
     if missing:
         return None, Note(
@@ -208,6 +209,10 @@ def read_header(path: Path) -> tuple[pydicom.Dataset | None, Note | None]:
         )
     if not any(k in ds for k in PIXEL_KEYWORDS):
         name = UID(str(ds.SOPClassUID)).name
+        if "Image Storage" in name:  # an image class always has pixels: the file was cut short
+            return None, Note(
+                str(path), NoteKind.UNREADABLE, f"no pixel data in a {name} object; the file is probably truncated"
+            )
         return None, Note(str(path), NoteKind.NON_IMAGE, f"no pixel data ({name})")
     if "SeriesInstanceUID" not in ds:
         return None, Note(str(path), NoteKind.UNREADABLE, "image without SeriesInstanceUID")
@@ -239,6 +244,7 @@ def discover_series(
     paths = list(files) if files is not None else iter_files(root)
     series: dict[str, SeriesRecord] = {}
     seen_sop: dict[str, Path] = {}
+    truncated_sop: dict[str, tuple[SeriesRecord, tuple[str, str]]] = {}
     notes: list[Note] = []
     for path in tqdm(paths, desc="scan DICOM", unit="file", disable=not progress):
         ds, note = read_header(path)
@@ -246,10 +252,17 @@ def discover_series(
             notes.append(note)
             if ds is not None:  # truncated image: remember it on its series
                 rec = series.setdefault(str(ds.SeriesInstanceUID), SeriesRecord(str(ds.SeriesInstanceUID)))
-                rec.corrupt.append((str(path), note.reason))
+                sop_uid = str(ds.SOPInstanceUID)
+                if sop_uid not in seen_sop:  # else an intact copy already stands in for it
+                    rec.corrupt.append((str(path), note.reason))
+                    truncated_sop[sop_uid] = (rec, rec.corrupt[-1])
                 rec.meta = rec.meta or _meta(ds)
             continue
         sop_uid = str(ds.SOPInstanceUID)
+        if sop_uid in truncated_sop:
+            # an intact copy of an instance seen truncated: the series is whole after all
+            rec, entry = truncated_sop.pop(sop_uid)
+            rec.corrupt.remove(entry)
         if sop_uid in seen_sop:
             notes.append(
                 Note(
