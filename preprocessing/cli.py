@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocessing import artefacts
-from preprocessing.errors import MonaiFLError, PrepConfigError
+from preprocessing.errors import DataNotFoundError, MonaiFLError, PrepConfigError
 
 PROG = "monai-fl prep"
 
@@ -76,7 +76,8 @@ def _deid_options(p: argparse.ArgumentParser, map_required: bool = True) -> None
     p.add_argument(
         "--allow-burned-in",
         action="store_true",
-        help="de-identify images flagged BurnedInAnnotation=YES (their pixels are NOT cleaned)",
+        help="de-identify images flagged BurnedInAnnotation=YES, and US/SC/XA/RF/ES/XC/OT/GM/SM/DOC images "
+        "not flagged NO (their pixels are NOT cleaned)",
     )
 
 
@@ -209,9 +210,15 @@ def cmd_all(args: argparse.Namespace) -> int:
     spec = _label_spec(args)
     spec.validate()  # fail before hours of conversion, not after
     dicom_dir = Path(args.input)
+    deid_skipped = None
     if not args.no_deid:
         if args.reid_map is None:
             raise PrepConfigError("prep all de-identifies first: pass --reid-map FILE (outside --out), or --no-deid")
+        if artefacts.is_within(args.reid_map, out):
+            raise PrepConfigError(
+                f"--reid-map {args.reid_map} lies inside --out {out}, the folder a site shares; "
+                "keep the re-identification map outside it"
+            )
         print("[1/4] de-identify")
         summary = deidentify_tree(
             dicom_dir,
@@ -222,6 +229,13 @@ def cmd_all(args: argparse.Namespace) -> int:
             summary_path=out / artefacts.DEID_SUMMARY_JSON,  # beside, not inside, the DICOM tree
         )
         print(deid_summary(summary))
+        c = summary["counts"]
+        if c["written"] + c["already_done"] == 0:
+            raise DataNotFoundError(
+                f"no DICOM instance under {dicom_dir} could be de-identified ({c['files']} files: "
+                f"{c['skipped']} skipped, {c['ignored_not_dicom']} not DICOM); nothing to convert"
+            )
+        deid_skipped = summary["skipped"]
         dicom_dir = out / artefacts.DEID_DIR
     print("[2/4] convert")
     conversion = convert_tree(
@@ -233,7 +247,9 @@ def cmd_all(args: argparse.Namespace) -> int:
     print(convert_summary(conversion))
     print("[3/4] quality")
     pairing = pair_labels(items_from_conversion(conversion, out), spec)
-    report = assess_site(pairing, conversion, QualityOptions(site=args.site), progress=progress)
+    report = assess_site(
+        pairing, conversion, QualityOptions(site=args.site), progress=progress, deid_skipped=deid_skipped
+    )
     print(quality_summary(report, write_report(report, out)))
     print("[4/4] datalist")
     payload = build_datalist(
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         Exit status: 0 on success, 2 on a user error (printed as one line).
     """
-    parser = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__.splitlines()[0].replace("``", ""))
     add_stage_parsers(parser.add_subparsers(dest="prep_command", metavar="STAGE", required=True))
     args = parser.parse_args(argv)
     try:

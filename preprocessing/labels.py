@@ -196,7 +196,8 @@ def pair_labels(items: Sequence[ImageItem], spec: LabelSpec) -> Pairing:
         A :class:`Pairing`; images without a label are simply absent from ``labels``.
 
     Raises:
-        PrepConfigError: invalid spec.
+        PrepConfigError: invalid spec, or a label source that pairs no image at all (a wrong
+            pattern or naming, not a data-quality finding).
         DataNotFoundError: the label folder/CSV does not exist.
         DataFormatError: the CSV is malformed.
     """
@@ -206,9 +207,38 @@ def pair_labels(items: Sequence[ImageItem], spec: LabelSpec) -> Pairing:
     elif spec.directory:
         pairing = _pair_directory(items, spec)
     elif spec.csv:
-        return _pair_csv(items, spec)
+        pairing = _pair_csv(items, spec)
     else:
         return Pairing(LabelKind.NONE, list(items))
-    if spec.names:
+    if spec.names and pairing.kind == LabelKind.SEGMENTATION:
         pairing.class_names = dict(spec.names)
+    if items and not pairing.labels:
+        raise PrepConfigError(_nothing_paired(items, spec, pairing))
     return pairing
+
+
+def _nothing_paired(items: Sequence[ImageItem], spec: LabelSpec, pairing: Pairing) -> str:
+    """Why a label source paired no image, with the likely fix."""
+    if spec.series_pattern:
+        names = sorted({i.match_text for i in items})
+        hint = ""
+        if not any(i.meta.get("description") for i in items):
+            hint = (
+                "; the series have no description (de-identification removes SeriesDescription): "
+                "de-identify with --keep SeriesDescription after review, or match on series number"
+            )
+        elif not pairing.orphans:
+            hint = "; it matched no series at all"
+        else:
+            hint = "; the matched label series share no patient/study/frame of reference with an image"
+        return (
+            f"--label-series {spec.series_pattern!r} paired no image with a label{hint}. "
+            f"Converted series: {'; '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+        )
+    source = f"--labels {spec.directory}" if spec.directory else f"--labels-csv {spec.csv}"
+    examples = ", ".join(i.id for i in items[:3])
+    return (
+        f"{source} paired no image with a label: label names must match the image names "
+        f"(e.g. {examples}{', ...' if len(items) > 3 else ''})"
+        + (f"; unmatched labels: {', '.join(pairing.orphans[:3])}" if pairing.orphans else "")
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -259,6 +260,7 @@ def assess_site(
     conversion: dict[str, Any] | None = None,
     options: QualityOptions = QualityOptions(),
     progress: bool = False,
+    deid_skipped: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Check every image (and label) of a site and summarise the findings.
 
@@ -268,6 +270,8 @@ def assess_site(
             files, skipped series and slice-level duplicates).
         options: thresholds.
         progress: show a tqdm bar.
+        deid_skipped: files the de-identification stage left behind (``{"source", "reason"}``);
+            reported by count and kind of reason only, since original paths may name patients.
 
     Returns:
         The report (JSON-ready): ``summary``, ``findings``, ``items``, ``consistency``,
@@ -351,6 +355,17 @@ def assess_site(
                 if issue["severity"] == "warning":
                     findings.append(_finding("warning", issue["code"], f"{entry['nifti']}: {issue['message']}"))
         findings += _dicom_duplicates(pairing.images)
+    if deid_skipped:
+        kinds = Counter(re.split(r"[:(]", e["reason"], maxsplit=1)[0].strip() for e in deid_skipped)
+        findings.append(
+            _finding(
+                "warning",
+                "not_deidentified",
+                f"{len(deid_skipped)} original file(s) were not de-identified and are missing from this "
+                f"site's data ({'; '.join(f'{n}× {k}' for k, n in kinds.most_common())}); their paths and "
+                "reasons are in the site-private re-identification map",
+            )
+        )
     consistency = _consistency(rows)
     if len(consistency["dtypes"]) > 1:
         findings.append(

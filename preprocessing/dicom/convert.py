@@ -229,11 +229,23 @@ def convert_discovered(
 
     Returns:
         The summary that was written to ``conversion.json``.
+
+    Raises:
+        PrepConfigError: the output folder holds the conversion of another input.
     """
     out = Path(output_dir)
+    root = discovery.root
+    previous = out / artefacts.CONVERSION_JSON
+    if previous.is_file():
+        # a re-run of the same input may refresh its files; another input would mix two sites'
+        # NIfTIs under one conversion.json that describes only the second
+        before = artefacts.read_json(previous, "conversion summary").get("input")
+        if before and before != str(root.resolve()):
+            raise PrepConfigError(
+                f"output folder {out} holds the conversion of {before}; convert {root} into another folder"
+            )
     nifti_dir = out / artefacts.NIFTI_DIR
     nifti_dir.mkdir(parents=True, exist_ok=True)
-    root = discovery.root
     suffix = ".nii.gz" if options.compress else ".nii"
     converted, skipped, used_names = [], [], set()
     for record in tqdm(discovery.series, desc="convert", unit="series", disable=not progress):
