@@ -96,3 +96,6 @@ def test_classification_datalist(tmp_path):
     assert [t["label"] for t in payload["training"]] == [1, 0, 1]
     on_disk = json.loads((site / "dataset.json").read_text())
     assert on_disk["training"][0] == {"image": "./img/c0.nii.gz", "label": 1}
+    monai_list = load_decathlon_datalist(str(site / "dataset.json"), True, "training")
+    assert [d["label"] for d in monai_list] == [1, 0, 1]  # class indices pass through as ints
+    assert all(Path(d["image"]).is_file() for d in monai_list)
