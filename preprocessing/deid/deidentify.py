@@ -626,8 +626,10 @@ def deidentify_tree(
             f"(it holds patient identifiers and stays at the site)"
         )
     reid = ReidMap.load(map_path) if map_path.exists() else ReidMap()
-    foreign = sorted(
-        p.name for p in (out.iterdir() if out.is_dir() else []) if p.is_dir() and p.name not in reid.patients
+    foreign = sorted(  # patient folders (<pseudonym>/study-<n>/) that another map wrote
+        p.name
+        for p in (out.iterdir() if out.is_dir() else [])
+        if p.is_dir() and p.name not in reid.patients and any(p.glob("study-*"))
     )
     if foreign:
         # pseudonyms are numbered per map: another map's P0001 is another patient
