@@ -464,6 +464,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
     width = max(len(n) for n in ("server", *kits.sites))
     for label, kit in (("server", kits.server), *kits.sites.items(), ("admin", kits.admin)):
         print(f"  {label:<{width}}  {kit}")
+    key_id_file = kits.server / "startup" / "he_key_id.txt"  # monai_fl.he.keys.KEY_ID_FILE
+    if key_id_file.is_file():
+        print(f"HE key id: {key_id_file.read_text().strip()} (in every kit's startup/he_key_id.txt)")
     classes = job_classes_for_config(args.config, he=not args.no_he)
     print(f"server resources: {configure_server_kit(kits.server, args.server_storage, classes['server'])}")
     if args.manifest:
@@ -480,8 +483,9 @@ def add_provision_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "provision", help="write NVFlare startup kits (server, sites, admin) with HE keys",
         description="Render workspace/project.yml with the chosen sites and ports, run `nvflare provision` on it "
-                    "and list the startup kits. The server kit gets the public-only HE context, every site kit the "
-                    "secret one. Re-running it generates new HE keys (key rotation).")
+                    "and list the startup kits. The server kit gets the parameters-only HE context, every site kit the "
+                    "secret one. Re-running it into the same workspace generates new HE keys but keeps the root CA "
+                    "and certificates; a new workspace gets a new root CA too (see docs/it_staff.md).")
     p.add_argument("-w", "--workspace", type=Path, default=Path("runs") / "provision",
                    help="provisioning workspace (default runs/provision); kits land in <w>/<project>/prod_NN")
     p.add_argument("-p", "--project", type=Path, default=PROJECT_TEMPLATE, help="project template (default workspace/project.yml)")

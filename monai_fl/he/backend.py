@@ -173,7 +173,9 @@ class _SealSecret:
     def decrypt(self, data: bytes) -> np.ndarray:
         ct = self.load(data)
         if self.decryptor.invariant_noise_budget(ct) <= 0:
-            raise HEContributionError("ciphertext noise budget exhausted: too many contributions were added")
+            raise HEContributionError(
+                "ciphertext noise budget exhausted: too many contributions were added, or they were encrypted under "
+                "keys from different provisioning runs")
         pt = seal.Plaintext()
         self.decryptor.decrypt(ct, pt)
         return np.asarray(self.encoder.decode_uint64(pt), dtype=np.uint64)

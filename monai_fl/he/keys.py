@@ -5,14 +5,24 @@ serialized TenSEAL contexts), so provisioning, signing and ``SecurityContentServ
 like the stock HE files. Encryption is SYMMETRIC, as with NVFlare's ``HEBuilder``: every site holds
 the same secret key; the server's context holds the BFV parameters only (no secret, public,
 relinearisation or Galois key), which is all that adding ciphertexts needs.
+
+The server's context is therefore the same bytes in every provisioning run (it depends on the BFV
+parameters only). What tells key generations apart is the **key id** (:func:`key_id`): a short hash
+of the secret key. A site derives it from its own context; the server, which holds no key, reads it
+from ``he_key_id.txt`` that provisioning writes beside ``server_context.tenseal`` (every kit gets
+the file, so IT staff can compare kits). Sites stamp it on every contribution and the server
+refuses one whose key id differs from its own (a site holding keys from another provisioning run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tenseal as ts
 
 from monai_fl.he.backend import ByteBridge, SecretCipher, seal_context
@@ -21,7 +31,11 @@ from monai_fl.he.errors import HECodecError, HEKeyError
 
 CLIENT_CONTEXT_FILE = "client_context.tenseal"  # NVFlare's ProvFileName.CLIENT_CONTEXT_TENSEAL
 SERVER_CONTEXT_FILE = "server_context.tenseal"  # NVFlare's ProvFileName.SERVER_CONTEXT_TENSEAL
+KEY_ID_FILE = "he_key_id.txt"  # beside the context in every kit: which key generation it is from
 STARTUP_DIR = "startup"
+KEY_ID_LENGTH = 16  # hex digits (64 bits): two provisioning runs never collide in practice
+_KEY_ID = re.compile(rf"^[0-9a-f]{{{KEY_ID_LENGTH}}}$")
+_KEY_ID_DOMAIN = b"monai-fl/he-key-id/v1\0"
 
 
 @dataclass(frozen=True)
@@ -29,7 +43,8 @@ class ContextBytes:
     """Serialized contexts of one key generation."""
 
     client: bytes  # parameters + secret key: sites only
-    server: bytes  # parameters only
+    server: bytes  # parameters only (the same bytes in every key generation of one parameter set)
+    key_id: str  # identity of this key generation (:func:`key_id` of ``client``)
 
 
 def generate_contexts(params: CodecParams | None = None) -> ContextBytes:
@@ -39,7 +54,7 @@ def generate_contexts(params: CodecParams | None = None) -> ContextBytes:
         params: codec parameters (defaults if None).
 
     Returns:
-        The two serialized contexts; only ``client`` can decrypt.
+        The two serialized contexts (only ``client`` can decrypt) and the generation's key id.
     """
     params = params or CodecParams()
     ctx = ts.context(
@@ -54,7 +69,56 @@ def generate_contexts(params: CodecParams | None = None) -> ContextBytes:
     # Relinearisation/Galois keys are never needed (the server only adds), so none is written.
     client = ctx.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
     server = ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
-    return ContextBytes(client=client, server=server)
+    # From the bytes the sites will load, so the id the kits carry is the one the sites derive.
+    return ContextBytes(client=client, server=server, key_id=key_id(load_context(client)))
+
+
+def key_id(ctx: ts.Context) -> str:
+    """The id of the key generation a site context belongs to: a short hash of its secret key.
+
+    Derived, not stored, so a site's id always matches the key it encrypts with. The hash is of
+    the key's raw coefficients (not of its compressed serialization, which could differ between
+    library versions). Sixty-four bits of a hash of a secret with thousands of bits of entropy
+    reveal nothing usable about it; the id is not secret.
+
+    Raises:
+        HEKeyError: the context holds no secret key (the server reads its id with :func:`read_key_id`).
+    """
+    if not is_private(ctx):
+        raise HEKeyError(f"this TenSEAL context holds no secret key: its key id is in {KEY_ID_FILE}")
+    poly = ctx.secret_key().data.data()
+    n = poly.coeff_count()
+    coeffs = np.fromiter((poly.data(i) for i in range(n)), dtype="<u8", count=n)
+    return hashlib.sha256(_KEY_ID_DOMAIN + coeffs.tobytes()).hexdigest()[:KEY_ID_LENGTH]
+
+
+def parse_key_id(text: str | bytes, where: str) -> str:
+    """A key id from the content of a ``he_key_id.txt`` file.
+
+    Raises:
+        HEKeyError: not a key id.
+    """
+    value = (text.decode("ascii", errors="replace") if isinstance(text, (bytes, bytearray)) else text).strip()
+    if not _KEY_ID.match(value):
+        raise HEKeyError(f"{where} does not hold an HE key id ({KEY_ID_LENGTH} hex digits): {value[:40]!r}")
+    return value
+
+
+def read_key_id(path: str | os.PathLike) -> str:
+    """The key id in a ``he_key_id.txt`` file.
+
+    Raises:
+        HEKeyError: missing or malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HEKeyError(f"HE key id file {path} not found: provision the kits again with this monai-fl version")
+    return parse_key_id(path.read_bytes(), str(path))
+
+
+def key_id_file_for(context_file: str | os.PathLike) -> str:
+    """Where the key id of a context file lives: ``he_key_id.txt`` in the same folder."""
+    return os.path.join(os.path.dirname(os.fspath(context_file)), KEY_ID_FILE)
 
 
 def load_context(source: str | os.PathLike | bytes) -> ts.Context:
@@ -130,7 +194,8 @@ def secret_cipher(ctx: ts.Context, params: CodecParams, workers: int = 1) -> Sec
 def save_contexts(
     client_dir: str | os.PathLike, server_dir: str | os.PathLike, params: CodecParams | None = None
 ) -> tuple[Path, Path]:
-    """Generate keys and write ``client_context.tenseal`` and ``server_context.tenseal``.
+    """Generate keys and write ``client_context.tenseal`` and ``server_context.tenseal``, each with
+    ``he_key_id.txt`` beside it.
 
     Returns:
         (client file, server file)
@@ -141,7 +206,15 @@ def save_contexts(
     for path, data in ((client_path, ctxs.client), (server_path, ctxs.server)):
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_private(path, data)
+        write_key_id(path.parent, ctxs.key_id)
     return client_path, server_path
+
+
+def write_key_id(folder: str | os.PathLike, value: str) -> Path:
+    """Write ``<folder>/he_key_id.txt`` (not secret: readable by all)."""
+    path = Path(folder) / KEY_ID_FILE
+    path.write_text(parse_key_id(value, "key id") + "\n")
+    return path
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -175,9 +248,9 @@ def write_simulator_contexts(
     """Provision HE contexts for the NVFlare simulator before running a job in it.
 
     The simulator keeps ``<ws>/startup`` across its workspace clean-up, serves it to the server and
-    copies it into every site's folder. By default both files go there (the simulator is no
-    security boundary). With ``client_key_dir`` the secret context is written there instead, so the
-    server's workspace never holds it; pass ``result.client_context_arg`` to
+    copies it into every site's folder. By default both files go there, with ``he_key_id.txt`` (the
+    simulator is no security boundary). With ``client_key_dir`` the secret context is written there
+    instead, so the server's workspace never holds it; pass ``result.client_context_arg`` to
     ``attach_he(client_context_file=...)`` so sites load it from that absolute path.
 
     Args:

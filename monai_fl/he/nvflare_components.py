@@ -12,8 +12,8 @@ Sites (clients):
 
 Server:
     * :class:`HEAggregator` (id ``aggregator``): validates each contribution (algorithm, codec
-      id, base version, layout, weight budget, ciphertext count and well-formedness) and only adds
-      ciphertexts; a rejected contribution is logged and excluded, the round goes on.
+      id, key id, base version, layout, weight budget, ciphertext count and well-formedness) and
+      only adds ciphertexts; a rejected contribution is logged and excluded, the round goes on.
     * :class:`HEShareableGenerator` (id ``shareable_generator``): turns the aggregate into the new
       encrypted global model and back into task data, never decrypting.
     * :class:`HEModelPersistor`: a ``PTFileModelPersistor`` that saves the encrypted model as a
@@ -21,7 +21,10 @@ Server:
       ``GlobalModelEval``, so the final model reaches the sites through the decrypt filter.
 
 The server loads ``server_context.tenseal`` only to check it matches the codec and holds no secret
-key; it refuses to start with a private one.
+key; it refuses to start with a private one. It reads the key id of its provisioning run from
+``he_key_id.txt`` beside that file; every site stamps the id derived from its own secret key on its
+contributions, and one from another key generation is rejected (its ciphertexts would add up to
+noise that no site can decrypt).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
 
 from monai_fl.he.backend import CiphertextAdder
 from monai_fl.he.codec import CodecParams, Layout, ReferenceState, decode_aggregate, encode_update
@@ -55,7 +59,11 @@ from monai_fl.he.errors import HEContributionError, HEError, HEKeyError
 from monai_fl.he.keys import (
     CLIENT_CONTEXT_FILE,
     SERVER_CONTEXT_FILE,
+    key_id,
+    key_id_file_for,
     load_context,
+    parse_key_id,
+    read_key_id,
     require_server_context,
     secret_cipher,
 )
@@ -73,6 +81,7 @@ class HEMetaKey:
     """DXO / model meta keys of the HE protocol (plaintext, visible to the server)."""
 
     CODEC_ID = "he_codec_id"
+    KEY_ID = "he_key_id"  # key generation (provisioning run) the ciphertexts were made under
     VERSION = "he_version"  # version of the model a DXO carries (0 = initial plaintext model)
     BASE_VERSION = "he_base_version"  # version the encrypted deltas were computed against
     LAYOUT = "he_layout"  # [[name, shape, dtype], ...]: public model architecture
@@ -134,6 +143,22 @@ def _load_tenseal_context(component: FLComponent, context_file: str, fl_ctx: FLC
         raise HEKeyError(f"cannot load {context_file} from this participant's startup kit: {e}") from e
 
 
+def _load_key_id(context_file: str, fl_ctx: FLContext) -> str:
+    """The server's key id: ``he_key_id.txt`` beside its context (signature-checked in secure mode,
+    like the context itself)."""
+    id_file = key_id_file_for(context_file)
+    if os.path.isabs(id_file):
+        return read_key_id(id_file)
+    data, rc = SecurityContentService.load_content(id_file)
+    bad = [LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT]
+    if fl_ctx.get_prop(FLContextKey.SECURE_MODE, True):
+        bad += [LoadResult.INVALID_SIGNATURE, LoadResult.NOT_SIGNED]
+    if rc in bad or data is None:
+        raise HEKeyError(f"cannot load {id_file} from the server's startup kit ({rc}): provision the kits again "
+                         "with this monai-fl version (the HE builder writes it)")
+    return parse_key_id(data, id_file)
+
+
 # ---------------------------------------------------------------------------------------------
 # Site side
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +201,7 @@ class HESiteCodec(FLComponent):
         if self.max_site_weight < 1:
             raise HEError(f"max_sites={max_sites} exceeds the weight budget {self.codec.max_total_weight}")
         self.cipher = None
+        self.key_id: str | None = None  # derived from the secret key when the cipher is made
         self.state: ReferenceState | None = None
         self.torch_output = False  # return decoded tensors as torch if the plaintext model came as torch
         self._lock = threading.Lock()
@@ -191,7 +217,9 @@ class HESiteCodec(FLComponent):
         if self.cipher is None:
             ctx = _load_tenseal_context(self, self.context_file, fl_ctx)
             self.cipher = secret_cipher(ctx, self.codec, workers=self.workers)
-            self.log_info(fl_ctx, f"HE: site codec ready (codec {self.codec.codec_id}, {self.workers} worker(s))")
+            self.key_id = key_id(ctx)
+            self.log_info(fl_ctx, f"HE: site codec ready (codec {self.codec.codec_id}, key id {self.key_id}, "
+                                  f"{self.workers} worker(s))")
         return self.cipher
 
     def site_weight(self, meta: Mapping, fl_ctx: FLContext) -> int:
@@ -225,6 +253,12 @@ class HESiteCodec(FLComponent):
                     self.log_warning(fl_ctx, "HE: task data is not encrypted and not the initial model; passed through")
                 return None
             self._check_codec(meta)
+            theirs = meta.get(HEMetaKey.KEY_ID)
+            if theirs is not None and theirs != self.key_id:
+                raise HEContributionError(
+                    f"the global model was aggregated under HE key id {theirs}, this site holds key id {self.key_id}: "
+                    "its kit is from another provisioning run than the server's; re-distribute the kits from one "
+                    "provisioning run")
             base = int(meta[HEMetaKey.BASE_VERSION])
             if self.state is None:
                 raise HEContributionError(
@@ -277,6 +311,7 @@ class HESiteCodec(FLComponent):
             meta.update({
                 MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
                 HEMetaKey.CODEC_ID: self.codec.codec_id,
+                HEMetaKey.KEY_ID: self.key_id,
                 HEMetaKey.BASE_VERSION: self.state.version,
                 HEMetaKey.LAYOUT: self.state.layout.to_list(),
                 HEMetaKey.LAYOUT_HASH: self.state.layout.layout_hash,
@@ -339,10 +374,14 @@ class HEEncryptFilter(DXOFilter):
 # ---------------------------------------------------------------------------------------------
 # Server side
 # ---------------------------------------------------------------------------------------------
-def _load_server_codec(component: FLComponent, params: CodecParams, context_file: str, fl_ctx: FLContext):
+def _load_server_codec(component: FLComponent, params: CodecParams, context_file: str, fl_ctx: FLContext) -> str:
+    """Check the server's context; returns the key id of its provisioning run."""
     ctx = _load_tenseal_context(component, context_file, fl_ctx)
     require_server_context(ctx, params)
-    component.log_info(fl_ctx, f"HE: server context {context_file} holds no secret key; codec {params.codec_id}")
+    server_key_id = _load_key_id(context_file, fl_ctx)
+    component.log_info(fl_ctx, f"HE: server context {context_file} holds no secret key; codec {params.codec_id}, "
+                               f"key id {server_key_id}")
+    return server_key_id
 
 
 class HEAggregator(Aggregator):
@@ -359,6 +398,7 @@ class HEAggregator(Aggregator):
         self.context_file = context_file
         self.codec = CodecParams.from_dict(params)
         self.adder: CiphertextAdder | None = None
+        self.key_id: str | None = None  # the server kit's he_key_id.txt, read at START_RUN
         self._lock = threading.Lock()
         self._reset_round()
 
@@ -370,7 +410,7 @@ class HEAggregator(Aggregator):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            _load_server_codec(self, self.codec, self.context_file, fl_ctx)
+            self.key_id = _load_server_codec(self, self.codec, self.context_file, fl_ctx)
             self.adder = CiphertextAdder(self.codec)
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
@@ -409,6 +449,15 @@ class HEAggregator(Aggregator):
             raise HEContributionError("payload is not encrypted with this codec (plaintext weights are never aggregated)")
         if meta.get(HEMetaKey.CODEC_ID) != self.codec.codec_id:
             raise HEContributionError(f"codec {meta.get(HEMetaKey.CODEC_ID)} differs from the server's {self.codec.codec_id}")
+        theirs = meta.get(HEMetaKey.KEY_ID)
+        if theirs is None:
+            raise HEContributionError(f"{client}'s contribution carries no HE key id (a monai-fl version older than "
+                                      "the server's?); install the same monai-fl version everywhere")
+        if theirs != self.key_id:
+            # Ciphertexts under another secret key would add up to noise no site can decrypt.
+            raise HEContributionError(
+                f"{client} holds HE keys from another provisioning run (key id {theirs}, the server's is {self.key_id}); "
+                "re-distribute the kits from one provisioning run")
         version, layout = self._expected(fl_ctx)
         if meta.get(HEMetaKey.BASE_VERSION) != version:
             raise HEContributionError(f"computed against model version {meta.get(HEMetaKey.BASE_VERSION)}, "
@@ -472,6 +521,7 @@ class HEAggregator(Aggregator):
             meta = {
                 MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
                 HEMetaKey.CODEC_ID: self.codec.codec_id,
+                HEMetaKey.KEY_ID: self.key_id,
                 HEMetaKey.BASE_VERSION: version,
                 HEMetaKey.NUM_CONTRIBUTIONS: len(self._contributors),
                 HEMetaKey.TOTAL_WEIGHT: self._total_weight,
@@ -528,6 +578,7 @@ class HEShareableGenerator(ShareableGenerator):
         new_meta = {
             MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
             HEMetaKey.CODEC_ID: self.codec.codec_id,
+            HEMetaKey.KEY_ID: meta.get(HEMetaKey.KEY_ID),
             HEMetaKey.VERSION: version + 1,
             HEMetaKey.BASE_VERSION: version,
             HEMetaKey.LAYOUT: layout.to_list(),

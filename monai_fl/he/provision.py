@@ -10,7 +10,7 @@ are refused in secure mode)::
       - path: nvflare.lighter.impl.static_file.StaticFileBuilder
         args: {config_folder: config}
       - path: monai_fl.he.provision.HECodecBuilder
-        args: {params: {}}          # CodecParams fields; {} = defaults, must equal the job's
+        args: {params: {}}          # CodecParams fields; {} = defaults (see below)
       - path: nvflare.lighter.impl.cert.CertBuilder
       - path: nvflare.lighter.impl.signature.SignatureBuilder
 
@@ -20,6 +20,14 @@ the job ships custom code (BYOC) and the submitter may use it. Jobs that run the
 ``monai_fl`` package (``job.set_app_packages(["monai_fl"])``) need the prefix ``monai_fl.he.`` on
 that list at every participant: the builder adds it to every kit, :func:`write_site_resources`
 adds it to an existing site or a simulator workspace.
+
+Of the ``params``, only the BFV parameters shape the keys: ``poly_modulus_degree``,
+``coeff_mod_bit_sizes`` and ``plain_modulus`` must equal the job's (both sides check the context
+against them); the job's other codec fields (``quant_bits``, ``field_bits``, ...) may differ.
+
+Every kit also gets ``he_key_id.txt``: the id of this run's key generation
+(:func:`monai_fl.he.keys.key_id`). The server reads its own to refuse contributions encrypted
+under keys from another provisioning run.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 from monai_fl.he.codec import CodecParams
 from monai_fl.he.errors import HEError
-from monai_fl.he.keys import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE, generate_contexts
+from monai_fl.he.keys import CLIENT_CONTEXT_FILE, KEY_ID_FILE, SERVER_CONTEXT_FILE, generate_contexts
 
 ALLOW_LIST_PREFIX = "monai_fl.he."  # package prefix: every class in monai_fl.he
 CLASS_ALLOW_LIST = "class_allow_list"
@@ -85,9 +93,12 @@ class HECodecBuilder(Builder):
 
         One secret key is generated per provisioning run and shared by all sites (symmetric
         encryption, like NVFlare's ``HEBuilder``). The server kit gets a parameters-only context.
+        Every kit gets ``he_key_id.txt`` naming the key generation.
 
         Args:
-            params: ``CodecParams`` fields (defaults if None); the job's ``attach_he`` must use the same.
+            params: ``CodecParams`` fields (defaults if None); the job's ``poly_modulus_degree``,
+                ``coeff_mod_bit_sizes`` and ``plain_modulus`` must be the same (the other fields
+                do not enter the keys).
             allow_list_prefixes: class-path prefixes added to every participant's
                 ``local/resources.json.default`` (default ``["monai_fl.he."]``; ``[]`` to skip).
         """
@@ -101,10 +112,13 @@ class HECodecBuilder(Builder):
 
     def build(self, project: Project, ctx: ProvisionContext):
         server = project.get_server()
+        key_id = (self._contexts.key_id + "\n").encode()
         if server:
             _write(Path(ctx.get_kit_dir(server)) / SERVER_CONTEXT_FILE, self._contexts.server)
+            _write(Path(ctx.get_kit_dir(server)) / KEY_ID_FILE, key_id, mode=0o644)
         for client in project.get_clients():
             _write(Path(ctx.get_kit_dir(client)) / CLIENT_CONTEXT_FILE, self._contexts.client)
+            _write(Path(ctx.get_kit_dir(client)) / KEY_ID_FILE, key_id, mode=0o644)
         prefixes = [ALLOW_LIST_PREFIX] if self.allow_list_prefixes is None else list(self.allow_list_prefixes)
         if not prefixes:
             return
@@ -119,7 +133,7 @@ class HECodecBuilder(Builder):
         self._contexts = None  # do not keep the secret key in memory longer than needed
 
 
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from monai_fl.he.codec import CodecParams, Layout, ReferenceState, weighted_mean_reference
 from monai_fl.he.errors import HEContributionError, HEKeyError
-from monai_fl.he.keys import SERVER_CONTEXT_FILE, save_contexts
+from monai_fl.he.keys import KEY_ID_FILE, SERVER_CONTEXT_FILE, read_key_id, save_contexts
 from monai_fl.he.nvflare_components import (
     CIPHERTEXTS_KEY,
     SITE_CODEC_ID,
@@ -238,6 +239,84 @@ def test_bad_contributions_are_rejected_and_round_completes(setup, caplog, tmp_p
     bound = state.error_bound(params)
     for name in g0:
         assert np.all(np.abs(decoded[name] - exact[name]) <= bound[name] + np.spacing(np.float32(4))), name
+
+
+def test_matching_key_ids_are_accepted(setup):
+    _, aggregator, generator, engine, sites = setup
+    rng = np.random.default_rng(4)
+    _, global_model, received = _prime(setup, rng)
+    results = [s.send(local_update(r, rng, scale=0.003), 5, 0) for s, r in zip(sites, received)]
+    # every site derived the id from its secret key; the server read it from its kit's file
+    assert {from_shareable(r).meta[HEMetaKey.KEY_ID] for r in results} == {aggregator.key_id}
+    assert aggregator.key_id == read_key_id(Path(aggregator.context_file).with_name(KEY_ID_FILE))
+    accepted, aggr, new_global = _server_round(aggregator, generator, engine, global_model, 0, results)
+    assert accepted == [True, True, True]
+    assert from_shareable(aggr).meta[HEMetaKey.KEY_ID] == aggregator.key_id
+    assert new_global["meta"][HEMetaKey.KEY_ID] == aggregator.key_id
+    sites[0].receive(generator.learnable_to_shareable(new_global, make_ctx(engine, "server")))
+    assert sites[0].codec.state.version == 1
+
+
+def test_keys_from_another_provisioning_run_are_rejected(setup, caplog, tmp_path):
+    """A site whose kit comes from another key generation (same parameters, another secret key):
+    the server refuses its contribution, naming the site and both key ids, and the round goes on
+    with the others; were it added, the sum would decrypt to noise at every site."""
+    params, aggregator, generator, engine, sites = setup
+    other_client, _ = save_contexts(tmp_path / "other_run" / "site", tmp_path / "other_run" / "server", params)
+    stranger = Site("site-2", other_client, params)
+    try:
+        assert stranger.codec.key_id != aggregator.key_id
+        rng = np.random.default_rng(5)
+        g0, global_model, received = _prime(setup, rng)
+        task = generator.learnable_to_shareable(global_model, make_ctx(engine, "server"))
+        stranger.receive(task)  # the initial model is plaintext: any site can take it
+        locals_ = [local_update(r, rng, scale=0.003) for r in received]
+        results = [sites[0].send(locals_[0], 5, 0), stranger.send(locals_[1], 5, 0), sites[2].send(locals_[2], 5, 0)]
+        with caplog.at_level(logging.ERROR):
+            accepted, aggr, new_global = _server_round(aggregator, generator, engine, global_model, 0, results)
+        assert accepted == [True, False, True]
+        rejected = [r.getMessage() for r in caplog.records if "REJECTED" in r.getMessage()]
+        assert len(rejected) == 1 and rejected[0].endswith(
+            f"HE: REJECTED contribution from site-2: site-2 holds HE keys from another provisioning run "
+            f"(key id {stranger.codec.key_id}, the server's is {aggregator.key_id}); "
+            "re-distribute the kits from one provisioning run"), rejected
+        # the round completed with the two sites of this run, and they decode their FedAvg
+        meta = from_shareable(aggr).meta
+        assert meta[HEMetaKey.NUM_CONTRIBUTIONS] == 2 and meta[HEMetaKey.CONTRIBUTORS] == ["site-1", "site-3"]
+        next_task = generator.learnable_to_shareable(new_global, make_ctx(engine, "server"))
+        decoded = sites[0].receive(next_task)
+        state = ReferenceState.initial(g0, params)
+        exact = weighted_mean_reference(state, [locals_[0], locals_[2]], [5, 5])
+        bound = state.error_bound(params)
+        for name in g0:
+            assert np.all(np.abs(decoded[name] - exact[name]) <= bound[name] + np.spacing(np.float32(4))), name
+        # the stranger cannot use the aggregate and says why (not "noise budget exhausted")
+        with pytest.raises(HEContributionError, match="another provisioning run"):
+            stranger.receive(next_task)
+    finally:
+        stranger.codec.handle_event(EventType.END_RUN, stranger.ctx)
+
+
+def test_contribution_without_key_id_is_rejected(setup, caplog):
+    _, aggregator, generator, engine, sites = setup
+    rng = np.random.default_rng(6)
+    _, global_model, received = _prime(setup, rng)
+    result = sites[0].send(local_update(received[0], rng), 5, 0)
+    dxo = from_shareable(result)
+    del dxo.meta[HEMetaKey.KEY_ID]
+    result = dxo.update_shareable(result)
+    ctx = make_ctx(engine, "server", **{AppConstants.GLOBAL_MODEL: global_model, AppConstants.CURRENT_ROUND: 0})
+    with caplog.at_level(logging.ERROR):
+        assert not aggregator.accept(result, ctx)
+    assert any("carries no HE key id" in r.getMessage() for r in caplog.records)
+
+
+def test_server_needs_its_key_id_file(tmp_path):
+    _, server_path = save_contexts(tmp_path / "site", tmp_path / "server")
+    (server_path.parent / KEY_ID_FILE).unlink()
+    agg = HEAggregator(context_file=str(server_path))
+    with pytest.raises(HEKeyError, match="he_key_id.txt not found"):
+        agg.handle_event(EventType.START_RUN, make_ctx(FakeEngine(), "server"))
 
 
 def test_stale_round_and_version_are_rejected(setup, caplog):

@@ -12,11 +12,16 @@ from monai_fl.he.codec import CodecParams, ReferenceState, encode_update
 from monai_fl.he.errors import HECodecError, HEContributionError, HEKeyError
 from monai_fl.he.keys import (
     CLIENT_CONTEXT_FILE,
+    KEY_ID_FILE,
     SERVER_CONTEXT_FILE,
     check_matches,
+    generate_contexts,
     is_private,
+    key_id,
     load_context,
+    read_key_id,
     require_server_context,
+    save_contexts,
     secret_cipher,
     write_simulator_contexts,
 )
@@ -60,6 +65,24 @@ def test_unreadable_context(tmp_path):
         load_context(bad)
 
 
+def test_key_id_names_the_key_generation(contexts, params, tmp_path):
+    """The server context is the same bytes in every generation (parameters only): only the key id,
+    a hash of the secret key, tells two provisioning runs apart."""
+    other = generate_contexts(params)
+    assert other.server == contexts.server
+    assert other.key_id != contexts.key_id
+    assert key_id(load_context(contexts.client)) == contexts.key_id  # derived again from the file's bytes
+    assert len(contexts.key_id) == 16 and int(contexts.key_id, 16) >= 0
+    with pytest.raises(HEKeyError, match="no secret key"):
+        key_id(load_context(contexts.server))
+    client_path, server_path = save_contexts(tmp_path / "site", tmp_path / "server", params)
+    written = read_key_id(server_path.with_name(KEY_ID_FILE))
+    assert read_key_id(client_path.with_name(KEY_ID_FILE)) == written == key_id(load_context(client_path))
+    (tmp_path / "bad.txt").write_text("not an id\n")
+    with pytest.raises(HEKeyError, match="does not hold an HE key id"):
+        read_key_id(tmp_path / "bad.txt")
+
+
 def test_simulator_contexts(tmp_path, params):
     ws = tmp_path / "ws"
     both = write_simulator_contexts(ws, params)
@@ -71,6 +94,7 @@ def test_simulator_contexts(tmp_path, params):
     assert is_private(load_context(split.client_context))
     assert not is_private(load_context(ws / "startup" / SERVER_CONTEXT_FILE))
     assert split.client_context_arg == str(split.client_context)
+    assert read_key_id(ws / "startup" / KEY_ID_FILE) == key_id(load_context(split.client_context))
 
 
 def test_adder_accepts_only_valid_ciphertexts(contexts, params, cipher):

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monai_fl.he.keys import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE, is_private, load_context
+from monai_fl.he.keys import (
+    CLIENT_CONTEXT_FILE,
+    KEY_ID_FILE,
+    SERVER_CONTEXT_FILE,
+    is_private,
+    key_id,
+    load_context,
+    read_key_id,
+)
 from monai_fl.he.provision import ALLOW_LIST_PREFIX, write_site_resources
 
 PROJECT = """
@@ -54,6 +62,15 @@ def test_contexts_in_kits_and_signed(kits):
         assert CLIENT_CONTEXT_FILE in json.loads((startup / "signature.json").read_text())
     a = (kits / "site-1" / "startup" / CLIENT_CONTEXT_FILE).read_bytes()
     assert a == (kits / "site-2" / "startup" / CLIENT_CONTEXT_FILE).read_bytes()  # one shared key
+
+
+def test_every_kit_names_the_key_generation(kits):
+    """he_key_id.txt, signed, in every kit; the server's equals the id the sites derive from their key."""
+    derived = key_id(load_context(kits / "site-1" / "startup" / CLIENT_CONTEXT_FILE))
+    for p in ("server1", "site-1", "site-2"):
+        startup = kits / p / "startup"
+        assert read_key_id(startup / KEY_ID_FILE) == derived
+        assert KEY_ID_FILE in json.loads((startup / "signature.json").read_text())
 
 
 def test_allow_list_extended_in_every_kit(kits):
