@@ -50,6 +50,18 @@ def test_server_refuses_a_private_context(contexts, params):
         require_server_context(load_context(contexts.client), params)
 
 
+def test_only_the_bfv_parameters_must_match_the_kits(contexts, params):
+    """Kits provisioned with the default codec serve a job with other quantisation settings (the
+    demo job's quant_bits 13): only degree, coefficient moduli and plain modulus enter the keys."""
+    job = CodecParams(quant_bits=13, field_bits=21, rounding="nearest", max_contributions=16)
+    assert job.codec_id != params.codec_id
+    require_server_context(load_context(contexts.server), job)
+    secret_cipher(load_context(contexts.client), job).close()
+    with pytest.raises(HECodecError, match="does not match"):
+        require_server_context(load_context(contexts.server), CodecParams(poly_modulus_degree=8192,
+                                                                          coeff_mod_bit_sizes=(43, 43, 44, 44, 44)))
+
+
 def test_context_of_other_parameters_is_rejected(contexts):
     other = CodecParams(coeff_mod_bit_sizes=(36, 36, 37))
     with pytest.raises(HECodecError, match="does not match"):
