@@ -120,8 +120,8 @@ def build_datalist(
         The dataset.json content.
 
     Raises:
-        PrepConfigError: labels are requested but none was paired, or the classes observed do
-            not number 0..K-1.
+        PrepConfigError: labels are requested but no labelled image is left (nothing is
+            written then), or the classes observed do not number 0..K-1.
     """
     out_path = Path(out_path)
     base = out_path.parent
@@ -151,6 +151,13 @@ def build_datalist(
             training.append({"image": _rel(item.image, base), "label": _rel(Path(label), base)})
         else:
             training.append({"image": _rel(item.image, base), "label": int(label)})
+    if pairing.kind != LabelKind.NONE and not training:
+        reasons = "; ".join(f"{e['image']}: {e['reason']}" for e in excluded[:3])
+        raise PrepConfigError(
+            f"no labelled image is left for {out_path} ({len(excluded)} excluded"
+            + (f", e.g. {reasons}" if reasons else "")
+            + "); fix the images or labels the quality report names"
+        )
     labels = _label_names(pairing, quality)
     payload = {
         "name": name,

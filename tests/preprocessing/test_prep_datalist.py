@@ -53,8 +53,11 @@ def test_channels_are_stacked_into_4d(tmp_path, converted_study):
 
 def test_missing_channel_excludes_the_study(tmp_path, converted_study):
     pairing = _pairing(converted_study, series_pattern="Mask", names=TUMOUR)
-    payload = build_datalist(pairing, tmp_path / "dataset.json", channels=["T1post", "DWI"])
-    assert payload["numTraining"] == 0 and "no series matches channel(s) ['DWI']" in payload["excluded"][0]["reason"]
+    path = tmp_path / "dataset.json"
+    path.write_text("{}")  # an earlier datalist is not replaced by an empty one
+    with pytest.raises(PrepConfigError, match=r"no labelled image is left .*1 excluded.*no series matches channel\(s\) \['DWI'\]"):
+        build_datalist(pairing, path, channels=["T1post", "DWI"])
+    assert path.read_text() == "{}"
 
 
 def _folder_site(tmp_path: Path, label_values=(0, 1)) -> Path:
