@@ -58,7 +58,9 @@ SITE_OPTIMIZER_MODES = ("reset", "keep")
 @dataclass
 class FLConfig:
     rounds: int = 10
-    local_epochs: int = 1
+    # Epochs of local training per round; a fraction (0.5) trains that share of an epoch's steps
+    # per round, more frequent averaging that helped under label skew (benchmarks/RESULTS.md).
+    local_epochs: float = 1.0
     he: bool = True
     min_clients: int | None = None  # default: all sites
     # Overrides of monai_fl.he.codec.CodecParams (e.g. {"quant_bits": 13}); empty: the codec's
@@ -69,6 +71,8 @@ class FLConfig:
     site_optimizer: str = "reset"
 
     def __post_init__(self):
+        if not self.local_epochs > 0:
+            raise MonaiFLError(f"fl.local_epochs must be positive, got {self.local_epochs!r}")
         if self.site_optimizer not in SITE_OPTIMIZER_MODES:
             raise MonaiFLError(f"fl.site_optimizer must be one of {', '.join(SITE_OPTIMIZER_MODES)}, "
                                f"got {self.site_optimizer!r}")
@@ -164,6 +168,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise MonaiFLError(f"{where}: expected true/false, got {value!r}")
         return value
+    if target is int and isinstance(value, float) and not value.is_integer():
+        raise MonaiFLError(f"{where}: expected a whole number, got {value!r}")
     try:
         return target(value)
     except (TypeError, ValueError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from monai_fl.experiment import prepare
 from monai_fl.fl.model import ConfiguredNetwork
 from monai_fl.fl.site_config import resolve_site_paths
 from monai_fl.keys import POOLED
-from monai_fl.tasks.loop import build_optimizer, train_epochs
+from monai_fl.tasks.loop import build_optimizer, cycle_batches, lr_at, train_epochs, train_steps
 from monai_fl.utils import seed_everything
 
 log = logging.getLogger("monai_fl.client")
@@ -58,6 +59,7 @@ class Site:
         self.test_loader = self.exp.test_loader(site)
         self.loss = self.exp.loss()
         self._optimizer: torch.optim.Optimizer | None = None
+        self._batches = None  # persistent batch stream for rounds of part of an epoch
         log.info("%s: data from %s", site, paths.source)
 
     def optimizer(self) -> torch.optim.Optimizer:
@@ -80,15 +82,27 @@ class Site:
         return metrics
 
     def train(self, current_round: int) -> tuple[dict, dict]:
+        """One round of local training on the global cosine schedule.
+
+        ``fl.local_epochs`` whole epochs, or, when it is fractional (e.g. 0.5), that share of an
+        epoch's steps drawn from a stream that continues across rounds.
+        """
         fl = self.cfg.fl
         optimizer = self.optimizer()
         total = fl.rounds * fl.local_epochs
-        history = train_epochs(self.model, self.train_loader, optimizer, self.loss, self.cfg.train,
-                               current_round * fl.local_epochs, fl.local_epochs, total,
-                               desc=f"{self.site} round {current_round + 1}/{fl.rounds}")
-        steps = sum(h["steps"] for h in history)
+        desc = f"{self.site} round {current_round + 1}/{fl.rounds}"
+        if float(fl.local_epochs).is_integer():
+            history = train_epochs(self.model, self.train_loader, optimizer, self.loss, self.cfg.train,
+                                   current_round * int(fl.local_epochs), int(fl.local_epochs), total, desc=desc)
+            record = {"loss": history[-1]["loss"], "steps": sum(h["steps"] for h in history), "n": history[-1]["n"]}
+        else:
+            if self._batches is None:
+                self._batches = cycle_batches(self.train_loader)
+            n_steps = max(1, math.ceil(len(self.train_loader) * fl.local_epochs))
+            lr = lr_at(self.cfg.train, current_round * fl.local_epochs, total)
+            record = train_steps(self.model, self._batches, n_steps, optimizer, self.loss, lr, desc=desc)
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, {
-            "train_loss": history[-1]["loss"], "steps": steps, "n_train": history[-1]["n"]}
+            "train_loss": record["loss"], "steps": record["steps"], "n_train": record["n"]}
 
 
 def _job_file(name: str) -> Path:

@@ -33,7 +33,7 @@ def _setup_lines(results: dict) -> list[str]:
         f"- Split: {split.get('scheme')} over {len(split.get('sites', {}))} sites, seed {split.get('seed')}; "
         f"manifest `{results['manifest']}`",
         f"- Network: {cfg['network']['name']} (width {cfg['network']['width']}); epoch budget {cfg['train']['epochs']} "
-        f"(federated: {cfg['fl']['rounds']} rounds × {cfg['fl']['local_epochs']} local epoch), batch "
+        f"(federated: {cfg['fl']['rounds']} rounds × {cfg['fl']['local_epochs']:g} local epoch), batch "
         f"{cfg['train']['batch_size']}, lr {cfg['train']['lr']} cosine",
     ]
     for site, e in split.get("sites", {}).items():

@@ -7,7 +7,7 @@ centralized/local baselines. Loaders yield ``(input, target)`` pairs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -21,9 +21,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_at(cfg: TrainConfig, epoch: int, total_epochs: int | None = None) -> float:
+def lr_at(cfg: TrainConfig, epoch: float, total_epochs: float | None = None) -> float:
     """Cosine learning rate for a global epoch index, so federated rounds follow the same schedule
-    as the centralized run (round r, local epoch e → epoch r × local_epochs + e)."""
+    as the centralized run (round r, local epoch e → epoch r × local_epochs + e; fractional when a
+    round is part of an epoch)."""
     total = total_epochs or cfg.epochs
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(epoch, total) / max(total, 1)))
 
@@ -92,3 +93,49 @@ def train_epochs(
         history.append(record)
         bar.set_postfix(loss=f"{record[MetricKey.LOSS.value]:.4f}")
     return history
+
+
+def cycle_batches(loader: Iterable) -> Iterator:
+    """Endless batches: pass after pass over ``loader`` (a shuffled loader reshuffles each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("cannot draw training batches from an empty loader")
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator,
+    n_steps: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    lr: float,
+    desc: str = "train",
+) -> dict:
+    """``n_steps`` optimiser steps at learning rate ``lr``, drawing from a persistent batch iterator.
+
+    A federated round of part of an epoch (``fl.local_epochs`` < 1) trains through it: the site
+    keeps one :func:`cycle_batches` iterator across rounds, so consecutive rounds cover the
+    shard's images once per epoch instead of re-drawing the head of a fresh shuffle.
+
+    Returns:
+        ``{"loss": mean training loss, "steps": n_steps, "n": images seen, "lr": lr}``.
+    """
+    from tqdm.auto import tqdm
+
+    set_lr(optimizer, lr)
+    model.train()
+    total, n = 0.0, 0
+    bar = tqdm(range(n_steps), desc=desc, unit="step", leave=False, disable=None)
+    for _ in bar:
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+    return {MetricKey.LOSS.value: total / max(n, 1), "steps": n_steps, MetricKey.N.value: n, "lr": lr}
