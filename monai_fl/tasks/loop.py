@@ -34,6 +34,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _step(model: nn.Module, x, y, optimizer: torch.optim.Optimizer, loss_fn: nn.Module) -> float:
+    """One optimiser step on one batch; returns the batch's loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -49,11 +58,7 @@ def train_epoch(
     model.train()
     total, n, steps = 0.0, 0, 0
     for x, y in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
+        loss_value = _step(model, x, y, optimizer, loss_fn)
         total += loss_value * len(y)
         n += len(y)
         steps += 1
@@ -132,10 +137,6 @@ def train_steps(
     bar = tqdm(range(n_steps), desc=desc, unit="step", leave=False, disable=None)
     for _ in bar:
         x, y = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(y)
+        total += _step(model, x, y, optimizer, loss_fn) * len(y)
         n += len(y)
     return {MetricKey.LOSS.value: total / max(n, 1), "steps": n_steps, MetricKey.N.value: n, "lr": lr}
