@@ -464,9 +464,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
     width = max(len(n) for n in ("server", *kits.sites))
     for label, kit in (("server", kits.server), *kits.sites.items(), ("admin", kits.admin)):
         print(f"  {label:<{width}}  {kit}")
-    key_id_file = kits.server / "startup" / "he_key_id.txt"  # monai_fl.he.keys.KEY_ID_FILE
+    from monai_fl.he.keys import KEY_ID_FILE, STARTUP_DIR, read_key_id
+
+    key_id_file = kits.server / STARTUP_DIR / KEY_ID_FILE
     if key_id_file.is_file():
-        print(f"HE key id: {key_id_file.read_text().strip()} (in every kit's startup/he_key_id.txt)")
+        print(f"HE key id: {read_key_id(key_id_file)} (in every kit's {STARTUP_DIR}/{KEY_ID_FILE})")
     classes = job_classes_for_config(args.config, he=not args.no_he)
     print(f"server resources: {configure_server_kit(kits.server, args.server_storage, classes['server'])}")
     if args.manifest:

@@ -205,21 +205,21 @@ def save_contexts(
     server_path = Path(server_dir) / SERVER_CONTEXT_FILE
     for path, data in ((client_path, ctxs.client), (server_path, ctxs.server)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(path, data)
+        write_key_material(path, data)
         write_key_id(path.parent, ctxs.key_id)
     return client_path, server_path
 
 
 def write_key_id(folder: str | os.PathLike, value: str) -> Path:
-    """Write ``<folder>/he_key_id.txt`` (not secret: readable by all)."""
+    """Write ``<folder>/he_key_id.txt`` with mode 0644 (not secret: readable by all)."""
     path = Path(folder) / KEY_ID_FILE
-    path.write_text(parse_key_id(value, "key id") + "\n")
+    write_key_material(path, (parse_key_id(value, "key id") + "\n").encode(), mode=0o644)
     return path
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write with mode 0600: a context file is key material."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_key_material(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Write a kit file with an explicit mode (0600 by default: a context file is key material)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

@@ -43,7 +43,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 from monai_fl.he.codec import CodecParams
 from monai_fl.he.errors import HEError
-from monai_fl.he.keys import CLIENT_CONTEXT_FILE, KEY_ID_FILE, SERVER_CONTEXT_FILE, generate_contexts
+from monai_fl.he.keys import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE, generate_contexts, write_key_id, write_key_material
 
 ALLOW_LIST_PREFIX = "monai_fl.he."  # package prefix: every class in monai_fl.he
 CLASS_ALLOW_LIST = "class_allow_list"
@@ -112,13 +112,12 @@ class HECodecBuilder(Builder):
 
     def build(self, project: Project, ctx: ProvisionContext):
         server = project.get_server()
-        key_id = (self._contexts.key_id + "\n").encode()
-        if server:
-            _write(Path(ctx.get_kit_dir(server)) / SERVER_CONTEXT_FILE, self._contexts.server)
-            _write(Path(ctx.get_kit_dir(server)) / KEY_ID_FILE, key_id, mode=0o644)
-        for client in project.get_clients():
-            _write(Path(ctx.get_kit_dir(client)) / CLIENT_CONTEXT_FILE, self._contexts.client)
-            _write(Path(ctx.get_kit_dir(client)) / KEY_ID_FILE, key_id, mode=0o644)
+        kits = [(server, SERVER_CONTEXT_FILE, self._contexts.server)] if server else []
+        kits += [(client, CLIENT_CONTEXT_FILE, self._contexts.client) for client in project.get_clients()]
+        for participant, name, data in kits:
+            kit = Path(ctx.get_kit_dir(participant))
+            write_key_material(kit / name, data)
+            write_key_id(kit, self._contexts.key_id)
         prefixes = [ALLOW_LIST_PREFIX] if self.allow_list_prefixes is None else list(self.allow_list_prefixes)
         if not prefixes:
             return
@@ -131,9 +130,3 @@ class HECodecBuilder(Builder):
 
     def finalize(self, project: Project, ctx: ProvisionContext):
         self._contexts = None  # do not keep the secret key in memory longer than needed
-
-
-def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)

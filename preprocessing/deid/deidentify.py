@@ -541,8 +541,11 @@ def _study_folder(reid: ReidMap, out: Path, pseudo: str, study_uid: str) -> str:
     return reid.studies[study_uid]
 
 
-def _write_one(deid: Deidentifier, ds: Dataset, out: Path) -> str:
+def _write_one(deid: Deidentifier, ds: Dataset, out: Path, last_index: dict[Path, int]) -> str:
     """De-identify one dataset and write it under ``out``; returns its relative path.
+
+    ``last_index`` holds this run's last ``IM<n>`` per series folder, so a folder is listed once
+    (when the run first writes to it, to go on after an earlier batch), not once per file.
 
     Raises:
         DeidentificationError: refused by the profile, or an identifier survived (the guard).
@@ -558,7 +561,9 @@ def _write_one(deid: Deidentifier, ds: Dataset, out: Path) -> str:
         f"{artefacts.slug(str(ds.get('Modality', '')), 'OT')}"
     )
     series_dir.mkdir(parents=True, exist_ok=True)
-    index = sum(1 for _ in series_dir.glob("IM*.dcm")) + 1
+    if series_dir not in last_index:
+        last_index[series_dir] = sum(1 for _ in series_dir.glob("IM*.dcm"))
+    index = last_index[series_dir] + 1
     while (series_dir / f"IM{index:05d}.dcm").exists():
         index += 1
     dst = series_dir / f"IM{index:05d}.dcm"
@@ -575,6 +580,7 @@ def _write_one(deid: Deidentifier, ds: Dataset, out: Path) -> str:
             # a guard, not the method: the profile should already have removed these
             raise DeidentificationError(f"identifier still present after de-identification: {leaked[0]!r}")
         os.replace(part, dst)
+        last_index[series_dir] = index
     finally:
         part.unlink(missing_ok=True)
     return str(dst.relative_to(out))
@@ -640,6 +646,7 @@ def deidentify_tree(
         )
     deid = Deidentifier(options, reid)
     done = {f["source"]: f["output"] for f in reid.files}
+    last_index: dict[Path, int] = {}
     written, skipped, ignored, already = [], [], 0, 0
     paths = list(files) if files is not None else iter_files(src)
     if not paths:
@@ -658,7 +665,7 @@ def deidentify_tree(
                     skipped.append({"source": str(path), "reason": problem})
                 continue
             try:
-                rel = _write_one(deid, ds, out)
+                rel = _write_one(deid, ds, out, last_index)
             except DeidentificationError as exc:
                 skipped.append({"source": str(path), "reason": str(exc)})
                 continue
