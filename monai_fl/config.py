@@ -59,7 +59,7 @@ SITE_OPTIMIZER_MODES = ("reset", "keep")
 class FLConfig:
     rounds: int = 10
     # Epochs of local training per round; a fraction (0.5) trains that share of an epoch's steps
-    # per round, more frequent averaging that helped under label skew (benchmarks/RESULTS.md).
+    # per round, so the sites are averaged more often within the same epoch budget.
     local_epochs: float = 1.0
     he: bool = True
     min_clients: int | None = None  # default: all sites
