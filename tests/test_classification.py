@@ -25,6 +25,27 @@ def test_networks_fit_their_inputs(name, spec, size):
     assert out.shape == (2, spec.num_classes)
 
 
+def test_group_norm_resnet_has_no_batch_statistics_and_ignores_the_batch_mix():
+    net = build_network(NetworkConfig("resnet18", width=8, norm="group"), SPEC_2D)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) > 0
+    assert not [k for k in net.state_dict() if "running" in k or "num_batches" in k]
+    # Train mode normalises each image on its own, so an image's output does not depend on its batch.
+    x = torch.randn(4, *SPEC_2D.input_shape)
+    net.train()
+    assert torch.allclose(net(x)[:1], net(x[:1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (NetworkConfig("resnet18", norm="layer"), "unknown network norm 'layer'"),
+    (NetworkConfig("cnn", norm="group"), "available for resnet18 only"),
+    (NetworkConfig("resnet18", width=12, norm="group"), "width divisible by 8"),
+])
+def test_bad_norm_is_named(cfg, message):
+    with pytest.raises(MonaiFLError, match=message):
+        build_network(cfg, SPEC_2D)
+
+
 def test_densenet121_on_28px_fails_with_a_clear_message():
     with pytest.raises(MonaiFLError, match="densenet121 does not accept 2D inputs of 28 px"):
         build_network(NetworkConfig("densenet121"), SPEC_2D)

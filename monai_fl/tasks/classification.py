@@ -33,6 +33,8 @@ from monai_fl.keys import MetricKey
 from monai_fl.tasks.metrics import classification_metrics
 
 NETWORKS = ("resnet18", "densenet121", "cnn")
+NORMS = ("batch", "group")
+GROUPS = 8
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,18 @@ class TaskSpec:
         return (self.in_channels,) + (self.image_size,) * self.spatial_dims
 
 
+class _ResNet(ResNet):
+    """MONAI's ResNet with ``norm`` applied to every block: MONAI 1.6.1 passes it to the stem only
+    (``_make_layer`` keeps its ``"batch"`` default), so a GroupNorm ResNet would still hold BatchNorm."""
+
+    def __init__(self, *args, norm: str | tuple = "batch", **kwargs):
+        self._block_norm = norm
+        super().__init__(*args, norm=norm, **kwargs)
+
+    def _make_layer(self, *args, **kwargs):
+        return super()._make_layer(*args, norm=self._block_norm, **kwargs)
+
+
 def build_network(cfg: NetworkConfig, spec: TaskSpec, check_input: bool = True) -> nn.Module:
     """Build the configured MONAI network for ``spec``.
 
@@ -64,9 +78,15 @@ def build_network(cfg: NetworkConfig, spec: TaskSpec, check_input: bool = True) 
         MonaiFLError: unknown network or input size the network cannot take.
     """
     name = cfg.name.lower()
+    if cfg.norm not in NORMS:
+        raise MonaiFLError(f"unknown network norm '{cfg.norm}'; choose one of {', '.join(NORMS)}")
+    if cfg.norm != "batch" and name != "resnet18":
+        raise MonaiFLError(f"network norm '{cfg.norm}' is available for resnet18 only, not {cfg.name}")
+    if cfg.norm == "group" and cfg.width % GROUPS:
+        raise MonaiFLError(f"network norm 'group' needs a width divisible by {GROUPS}, got {cfg.width}")
     if name == "resnet18":
         small = spec.image_size < 64
-        net = ResNet(
+        net = _ResNet(
             block="basic",
             layers=[2, 2, 2, 2],
             block_inplanes=[cfg.width * m for m in (1, 2, 4, 8)],
@@ -77,6 +97,7 @@ def build_network(cfg: NetworkConfig, spec: TaskSpec, check_input: bool = True) 
             conv1_t_stride=1 if small else 2,
             no_max_pool=small,
             num_classes=spec.num_classes,
+            norm=("group", {"num_groups": GROUPS}) if cfg.norm == "group" else "batch",
         )
     elif name == "densenet121":
         net = DenseNet121(
