@@ -33,14 +33,14 @@ class NetworkConfig:
     """``resnet18`` (MONAI ResNet, basic blocks [2,2,2,2], channels width×[1,2,4,8]; the MedMNIST
     paper's 28-px stem), ``densenet121`` (MONAI DenseNet121, inputs ≥ 32 px) or ``cnn`` (small).
 
-    ``norm`` (resnet18): ``batch`` or ``group`` (GroupNorm, 8 groups; no running statistics, so
-    a site's skewed batches do not set what the shared model normalises with).
+    ``norm`` (classification resnet18): ``batch`` (default) or ``group`` (GroupNorm, 8 groups; no
+    running statistics). Segmentation networks fix their own and reject it.
     """
 
     name: str = "resnet18"
     width: int = 16
     dropout: float = 0.0
-    norm: str = "batch"
+    norm: str | None = None
 
 
 @dataclass

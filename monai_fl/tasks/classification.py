@@ -78,11 +78,12 @@ def build_network(cfg: NetworkConfig, spec: TaskSpec, check_input: bool = True) 
         MonaiFLError: unknown network or input size the network cannot take.
     """
     name = cfg.name.lower()
-    if cfg.norm not in NORMS:
-        raise MonaiFLError(f"unknown network norm '{cfg.norm}'; choose one of {', '.join(NORMS)}")
-    if cfg.norm != "batch" and name != "resnet18":
-        raise MonaiFLError(f"network norm '{cfg.norm}' is available for resnet18 only, not {cfg.name}")
-    if cfg.norm == "group" and cfg.width % GROUPS:
+    norm = cfg.norm or "batch"
+    if norm not in NORMS:
+        raise MonaiFLError(f"unknown network norm '{norm}'; choose one of {', '.join(NORMS)}")
+    if norm != "batch" and name != "resnet18":
+        raise MonaiFLError(f"network norm '{norm}' is available for resnet18 only, not {cfg.name}")
+    if norm == "group" and cfg.width % GROUPS:
         raise MonaiFLError(f"network norm 'group' needs a width divisible by {GROUPS}, got {cfg.width}")
     if name == "resnet18":
         small = spec.image_size < 64
@@ -97,7 +98,7 @@ def build_network(cfg: NetworkConfig, spec: TaskSpec, check_input: bool = True) 
             conv1_t_stride=1 if small else 2,
             no_max_pool=small,
             num_classes=spec.num_classes,
-            norm=("group", {"num_groups": GROUPS}) if cfg.norm == "group" else "batch",
+            norm=("group", {"num_groups": GROUPS}) if norm == "group" else "batch",
         )
     elif name == "densenet121":
         net = DenseNet121(

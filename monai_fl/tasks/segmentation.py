@@ -113,6 +113,9 @@ def build_seg_network(cfg: NetworkConfig, spec: SegSpec, check_input: bool = Tru
         MonaiFLError: unknown network, or ROI/width the network cannot take.
     """
     name = cfg.name.lower()
+    if cfg.norm is not None:
+        raise MonaiFLError(f"network.norm is a classification option; {cfg.name} sets its own "
+                           "(unet: instance norm, segresnet: group norm), so leave it out")
     if name == "unet":
         factor = int(np.prod(UNET_STRIDES))
         net = UNet(

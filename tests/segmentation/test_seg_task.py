@@ -59,6 +59,7 @@ def test_networks_map_roi_to_class_logits(name, dims):
     (NetworkConfig(name="unet", width=8), {"roi": (20, 16, 16)}, r"multiple of 8 .*unet"),
     (NetworkConfig(name="segresnet", width=12), {}, "divisible by 8"),
     (NetworkConfig(name="unet", width=4), {"roi": (8, 8, 8)}, "too small"),
+    (NetworkConfig(name="unet", norm="batch"), {}, "network.norm is a classification option"),
 ])
 def test_network_errors(network, spec_kw, message):
     with pytest.raises(MonaiFLError, match=message):
