@@ -23,8 +23,11 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("variants", nargs="+")
 ap.add_argument("--manifest", default="runs/bench_fl_pneumoniamnist/manifest.json")
 ap.add_argument("--data-root", default=os.environ.get("MONAI_FL_DATA"))
+ap.add_argument("--norm", choices=("batch", "group"), help="override the config's network.norm")
 args = ap.parse_args()
 cfg = ExperimentConfig.load(os.path.join(REPO, "configs", "pneumoniamnist_he.yaml"))
+if args.norm:
+    cfg.network.norm = args.norm
 exp = prepare(cfg, args.data_root, args.manifest, create=False)
 n_train = len(exp.data.labels["train"])
 spec = exp.spec
@@ -47,12 +50,13 @@ def ev(model):
 def loader(x, y):
     return cls_task.make_loader(x, y, "train", spec, t.batch_size, t.augment, t.seed)
 
-def centralized():
+def centralized(epochs=None):
     seed_everything(t.seed, 2)
     xs, ys = zip(*[site_xy(s) for s in exp.sites])
     m = exp.build_model(); opt = build_optimizer(m, t); L = loader(np.concatenate(xs), np.concatenate(ys))
-    for e in range(t.epochs):
-        set_lr(opt, lr_at(t, e)); train_epoch(m, L, opt, exp.loss())
+    epochs = epochs or t.epochs
+    for e in range(epochs):
+        set_lr(opt, lr_at(t, e, epochs)); train_epoch(m, L, opt, exp.loss())
     return ev(m)
 
 class PriorCE(torch.nn.Module):
@@ -64,7 +68,22 @@ class PriorCE(torch.nn.Module):
     def forward(self, logits, y):
         return self.ce(logits + self.log_prior, y)
 
-def fedavg(rounds=10, frac=1.0, keep=False, server_lr=1.0, momentum=0.0, seed=0, prior=0.0):
+def bn_layers(m):
+    return [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+
+def recalibrate_bn(model, x, y):
+    """Oracle: BN statistics of ``model`` recomputed on the given (pooled) training images."""
+    m = copy.deepcopy(model)
+    for b in bn_layers(m):
+        b.reset_running_stats(); b.momentum = None
+    m.train()
+    with torch.no_grad():
+        for batch in cls_task.make_loader(x, y, "eval", spec, 256):
+            m(batch[0] if isinstance(batch, (list, tuple)) else batch["image"])
+    return m
+
+def fedavg(rounds=10, frac=1.0, keep=False, server_lr=1.0, momentum=0.0, seed=0, prior=0.0,
+           bn_oracle=False):
     seed_everything(seed, 2)
     g = exp.build_model()
     sites = exp.sites
@@ -106,10 +125,15 @@ def fedavg(rounds=10, frac=1.0, keep=False, server_lr=1.0, momentum=0.0, seed=0,
             else:
                 new[k] = (gs[k].float() + step[k]).round().to(gs[k].dtype)
         g.load_state_dict(new)
-    return ev(g)
+    r = ev(g)
+    if bn_oracle:
+        xs, ys = zip(*[site_xy(s) for s in sites])
+        r["bn_oracle"] = ev(recalibrate_bn(g, np.concatenate(xs), np.concatenate(ys)))
+    return r
 
 variants = {
     "centralized": centralized,
+    "centralized_e20": lambda: centralized(epochs=20),
     "fedavg": lambda: fedavg(),
     "fedavg_seed1": lambda: fedavg(seed=1),
     "keep_opt": lambda: fedavg(keep=True),
@@ -125,10 +149,14 @@ variants = {
     "r40_q_seed0": lambda: fedavg(rounds=40, frac=0.25, seed=0),
     "r40_q_seed1": lambda: fedavg(rounds=40, frac=0.25, seed=1),
     "r40_q_seed2": lambda: fedavg(rounds=40, frac=0.25, seed=2),
+    **{f"r40_half_seed{i}": (lambda i=i: fedavg(rounds=40, frac=0.5, seed=i)) for i in range(3)},
+    **{f"bn_oracle_seed{i}": (lambda i=i: fedavg(rounds=20, frac=0.5, seed=i, bn_oracle=True)) for i in range(3)},
 }
 unknown = [v for v in args.variants if v not in variants]
 if unknown:
     ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(variants)}")
 for name in args.variants:
     t0 = time.time(); r = variants[name](); r["s"] = round(time.time() - t0)
+    if cfg.network.norm not in (None, "batch"):
+        name = f"{cfg.network.norm}norm_{name}"
     print(json.dumps({name: r}), flush=True)

@@ -45,7 +45,8 @@ class NetworkConfig:
 
 @dataclass
 class TrainConfig:
-    """Epoch budget and optimiser shared by every method. Federated: rounds × local_epochs = epochs."""
+    """Optimiser, batch and augmentation shared by every method; ``epochs`` is the centralized and
+    local-only budget (federated sites train ``fl.rounds × fl.local_epochs`` epochs)."""
 
     epochs: int = 10
     batch_size: int = 64
