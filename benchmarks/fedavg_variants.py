@@ -23,7 +23,7 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("variants", nargs="+")
 ap.add_argument("--manifest", default="runs/bench_fl_pneumoniamnist/manifest.json")
 ap.add_argument("--data-root", default=os.environ.get("MONAI_FL_DATA"))
-ap.add_argument("--norm", choices=("batch", "group"), help="override the config's network.norm")
+ap.add_argument("--norm", choices=cls_task.NORMS, help="override the config's network.norm")
 args = ap.parse_args()
 cfg = ExperimentConfig.load(os.path.join(REPO, "configs", "pneumoniamnist_he.yaml"))
 if args.norm:
@@ -39,6 +39,11 @@ def site_xy(site):
     idx = idx[idx < n_train]
     return exp.pool_images[idx], exp.pool_labels[idx]
 
+def pooled_xy():
+    """Every site's training images and labels together (what centralized training sees)."""
+    xs, ys = zip(*[site_xy(s) for s in exp.sites])
+    return np.concatenate(xs), np.concatenate(ys)
+
 val_x, val_y = exp.pool_images[n_train:], exp.pool_labels[n_train:]
 val_loader = cls_task.make_loader(val_x, val_y, "eval", spec, 256)
 test_loader = exp.test_loader(None)
@@ -52,8 +57,7 @@ def loader(x, y):
 
 def centralized(epochs=None):
     seed_everything(t.seed, 2)
-    xs, ys = zip(*[site_xy(s) for s in exp.sites])
-    m = exp.build_model(); opt = build_optimizer(m, t); L = loader(np.concatenate(xs), np.concatenate(ys))
+    m = exp.build_model(); opt = build_optimizer(m, t); L = loader(*pooled_xy())
     epochs = epochs or t.epochs
     for e in range(epochs):
         set_lr(opt, lr_at(t, e, epochs)); train_epoch(m, L, opt, exp.loss())
@@ -68,18 +72,10 @@ class PriorCE(torch.nn.Module):
     def forward(self, logits, y):
         return self.ce(logits + self.log_prior, y)
 
-def bn_layers(m):
-    return [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
-
-def recalibrate_bn(model, x, y):
-    """Oracle: BN statistics of ``model`` recomputed on the given (pooled) training images."""
+def recalibrate_bn(model):
+    """Oracle: BN statistics of ``model`` recomputed on the pooled training images."""
     m = copy.deepcopy(model)
-    for b in bn_layers(m):
-        b.reset_running_stats(); b.momentum = None
-    m.train()
-    with torch.no_grad():
-        for batch in cls_task.make_loader(x, y, "eval", spec, 256):
-            m(batch[0] if isinstance(batch, (list, tuple)) else batch["image"])
+    torch.optim.swa_utils.update_bn(cls_task.make_loader(*pooled_xy(), "eval", spec, 256), m)
     return m
 
 def fedavg(rounds=10, frac=1.0, keep=False, server_lr=1.0, momentum=0.0, seed=0, prior=0.0,
@@ -127,8 +123,7 @@ def fedavg(rounds=10, frac=1.0, keep=False, server_lr=1.0, momentum=0.0, seed=0,
         g.load_state_dict(new)
     r = ev(g)
     if bn_oracle:
-        xs, ys = zip(*[site_xy(s) for s in sites])
-        r["bn_oracle"] = ev(recalibrate_bn(g, np.concatenate(xs), np.concatenate(ys)))
+        r["bn_oracle"] = ev(recalibrate_bn(g))
     return r
 
 variants = {
