@@ -8,8 +8,8 @@ Runs configs/pneumoniamnist_he.yaml through `monai_fl.run.run_experiment` (the s
 0.99 × centralized AUC, and FL-HE above the local-only mean.
 
 Federated runs are not bit-reproducible (the simulator's thread timing changes the order of the
-float sums), so FL-HE is run ``--fl-he-runs`` times on the same split and config; the targets are
-judged on the first run, and ``fl_he_runs`` reports every run with mean, sd and min.
+float sums), so FL-HE is run ``--fl-he-runs`` times on the same split and config: ``targets`` judges
+the first run and the mean of the runs; ``fl_he_runs`` reports every run with mean, sd and min.
 """
 
 from __future__ import annotations

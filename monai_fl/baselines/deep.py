@@ -1,5 +1,5 @@
-"""Centralized and local-only baselines for any task: same network, same epoch budget, same task
-code as the federated sites."""
+"""Centralized and local-only baselines for any task: same network and task code as the federated
+sites, trained for the config's ``train.epochs``."""
 
 from __future__ import annotations
 

@@ -32,9 +32,10 @@ def _setup_lines(results: dict) -> list[str]:
         f"- Dataset: **{ds['name']}** (md5 `{ds['md5']}`), task: {results.get('task', 'classification')}",
         f"- Split: {split.get('scheme')} over {len(split.get('sites', {}))} sites, seed {split.get('seed')}; "
         f"manifest `{results['manifest']}`",
-        f"- Network: {cfg['network']['name']} (width {cfg['network']['width']}); epoch budget {cfg['train']['epochs']} "
-        f"(federated: {cfg['fl']['rounds']} rounds × {cfg['fl']['local_epochs']:g} local epoch), batch "
-        f"{cfg['train']['batch_size']}, lr {cfg['train']['lr']} cosine",
+        f"- Network: {cfg['network']['name']} (width {cfg['network']['width']}); epochs: centralized and local-only "
+        f"{cfg['train']['epochs']}, federated {cfg['fl']['rounds']} rounds × {cfg['fl']['local_epochs']:g} local epoch "
+        f"= {cfg['fl']['rounds'] * cfg['fl']['local_epochs']:g} per site; batch {cfg['train']['batch_size']}, "
+        f"lr {cfg['train']['lr']} cosine",
     ]
     for site, e in split.get("sites", {}).items():
         lines.append(f"  - {site}: {e['n_train']} training cases {e.get('class_counts') or ''}, {e['n_test']} test cases")

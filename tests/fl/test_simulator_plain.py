@@ -35,3 +35,4 @@ def test_plain_fedavg_runs_and_reports(tmp_path, medmnist_dir):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
     assert f"{fl['pooled']['auc']:.4f}" in md
+    assert "epochs: centralized and local-only 2, federated 2 rounds × 1 local epoch = 2 per site" in md
