@@ -22,7 +22,8 @@ def _experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", help="partition scheme: iid, dirichlet:<alpha>, quantity:<beta>")
     g.add_argument("--network", help="resnet18, densenet121 or cnn")
     g.add_argument("--width", type=int, help="base channel width of resnet18/cnn (paper ResNet-18: 64)")
-    g.add_argument("--epochs", type=int, help="centralized and local-only epochs (federated sites train the config's fl.rounds × fl.local_epochs)")
+    g.add_argument("--epochs", type=int,
+                   help="centralized and local-only epochs (federated sites train fl.rounds × fl.local_epochs)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--seed", type=int, help="seed for the split and for training")
